@@ -1,0 +1,57 @@
+"""The spec's error object and the exception that carries it to the client."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# Error types from the spec's table (plus OpenAI's names the SDK maps to exceptions).
+INVALID_REQUEST = "invalid_request_error"
+NOT_FOUND = "not_found"
+SERVER_ERROR = "server_error"
+MODEL_ERROR = "model_error"
+TOO_MANY_REQUESTS = "too_many_requests"
+AUTHENTICATION = "authentication_error"
+
+
+class ApiError(Exception):
+    """An error that becomes `{"error": {message, type, param, code}}` with an HTTP status.
+
+    Raised anywhere on the request path; the HTTP handlers turn it into a response (or, once a
+    stream has started, into an `error` event followed by `response.failed`).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = INVALID_REQUEST,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def payload(self) -> dict[str, Any]:
+        """The inner error object (as used by the `error` streaming event)."""
+        return {"type": self.type, "code": self.code, "message": self.message, "param": self.param}
+
+    def body(self) -> dict[str, Any]:
+        """The whole JSON body of an HTTP error response."""
+        return {"error": self.payload()}
+
+    def __repr__(self) -> str:
+        return (f"ApiError({self.status}, {self.message!r}, param={self.param!r}, "
+                f"code={self.code!r})")
+
+
+def invalid(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
+    """Shorthand for a 400 `invalid_request_error` naming the offending parameter path."""
+    return ApiError(400, message, param=param, code=code)

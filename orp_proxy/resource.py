@@ -1,0 +1,142 @@
+"""The `ResponseResource` object: ids, and the request settings it echoes.
+
+Every response object we send (in `response.created`, `response.in_progress`, the terminal event
+and the JSON body) carries all keys the spec marks required, with zero values instead of nulls
+where the spec says the field is not nullable.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+RESPONSE_KEYS = (
+    "id", "object", "created_at", "completed_at", "status", "incomplete_details", "model",
+    "previous_response_id", "instructions", "output", "error", "tools", "tool_choice",
+    "truncation", "parallel_tool_calls", "text", "top_p", "presence_penalty",
+    "frequency_penalty", "top_logprobs", "temperature", "reasoning", "usage",
+    "max_output_tokens", "max_tool_calls", "store", "background", "service_tier", "metadata",
+    "safety_identifier", "prompt_cache_key",
+)
+
+
+def new_id(prefix: str) -> str:
+    """`resp_…`, `msg_…`, `fc_…`, `rs_…`: a prefix and 32 random hex digits."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _tool_echo(tool: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "name": tool["name"],
+        "description": tool.get("description"),
+        "parameters": tool.get("parameters"),
+        "strict": tool.get("strict"),
+    }
+
+
+def _tool_choice_echo(choice: Any) -> Any:
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        return choice
+    if choice.get("type") == "allowed_tools":
+        return {
+            "type": "allowed_tools",
+            "tools": [{"type": "function", "name": t["name"]} for t in choice["tools"]],
+            "mode": choice.get("mode") or "auto",
+        }
+    return {"type": "function", "name": choice["name"]}
+
+
+def _text_echo(text: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"format": {"type": "text"}}
+    if not isinstance(text, dict):
+        return out
+    fmt = text.get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        out["format"] = {
+            "type": "json_schema",
+            "name": fmt["name"],
+            "description": fmt.get("description"),
+            "schema": fmt.get("schema"),
+            "strict": bool(fmt.get("strict")),
+        }
+    elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        out["format"] = {"type": "json_object"}
+    if text.get("verbosity") is not None:
+        out["verbosity"] = text["verbosity"]
+    return out
+
+
+def _number(value: Any, default: float) -> float:
+    return default if value is None else float(value)
+
+
+def build_response(
+    body: dict[str, Any],
+    *,
+    model: str,
+    response_id: str | None = None,
+    created_at: int | None = None,
+) -> dict[str, Any]:
+    """The in-progress response object for a validated request body.
+
+    `model` is the name the client asked for (aliases are resolved only on the way upstream).
+    """
+    reasoning = body.get("reasoning")
+    return {
+        "id": response_id or new_id("resp"),
+        "object": "response",
+        "created_at": int(time.time()) if created_at is None else created_at,
+        "completed_at": None,
+        "status": "in_progress",
+        "incomplete_details": None,
+        "model": model,
+        "previous_response_id": body.get("previous_response_id"),
+        "instructions": body.get("instructions"),
+        "output": [],
+        "error": None,
+        "tools": [_tool_echo(t) for t in body.get("tools") or ()],
+        "tool_choice": _tool_choice_echo(body.get("tool_choice")),
+        "truncation": body.get("truncation") or "disabled",
+        "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+        "text": _text_echo(body.get("text")),
+        "top_p": _number(body.get("top_p"), 1.0),
+        "presence_penalty": _number(body.get("presence_penalty"), 0.0),
+        "frequency_penalty": _number(body.get("frequency_penalty"), 0.0),
+        "top_logprobs": body.get("top_logprobs") or 0,
+        "temperature": _number(body.get("temperature"), 1.0),
+        "reasoning": (
+            {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")}
+            if isinstance(reasoning, dict)
+            else None
+        ),
+        "usage": None,
+        "max_output_tokens": body.get("max_output_tokens"),
+        "max_tool_calls": body.get("max_tool_calls"),
+        "store": body.get("store") is not False,
+        "background": False,
+        "service_tier": body.get("service_tier") or "default",
+        "metadata": body.get("metadata") or {},
+        "safety_identifier": body.get("safety_identifier"),
+        "prompt_cache_key": body.get("prompt_cache_key"),
+    }
+
+
+def usage_from_chat(usage: dict[str, Any]) -> dict[str, Any]:
+    """Chat Completions `usage` → Open Responses `usage`, every detail field present."""
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    return {
+        "input_tokens": prompt,
+        "output_tokens": completion,
+        "total_tokens": usage.get("total_tokens") or prompt + completion,
+        "input_tokens_details": {"cached_tokens": prompt_details.get("cached_tokens") or 0},
+        "output_tokens_details": {
+            "reasoning_tokens": completion_details.get("reasoning_tokens") or 0
+        },
+    }

@@ -1,0 +1,435 @@
+"""Chat Completions chunks in, Open Responses events out: the pure state machine at ORP's core.
+
+No I/O happens here. The HTTP handler feeds decoded upstream chunks and takes the events to
+write (streaming) or just the final response object (JSON): one transcoder, both modes.
+
+Output items, in the order the model produces them:
+- reasoning text (`delta.reasoning_content` / `delta.reasoning`) → a `reasoning` item with one
+  `reasoning_text` part;
+- text and refusals (`delta.content` / `delta.refusal`) → a `message` item whose parts are
+  `output_text` and `refusal`;
+- tool calls (`delta.tool_calls`, fragments keyed by `index`, possibly interleaved) → one
+  `function_call` item each.
+Reasoning and message items are exclusive: one kind of content arriving closes the other.
+Function calls stay open until the upstream finishes, since fragments can come in any order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .resource import new_id, usage_from_chat
+
+Event = dict[str, Any]
+
+TERMINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+_INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+# Reasoning text event names: the spec's, or OpenAI's for clients that only know those.
+REASONING_EVENT_NAMES = {
+    "spec": ("response.reasoning.delta", "response.reasoning.done"),
+    "openai": ("response.reasoning_text.delta", "response.reasoning_text.done"),
+}
+
+
+class _Part:
+    """An open content part: its dict (already in the item's content) and its text pieces."""
+
+    __slots__ = ("index", "kind", "part", "pieces")
+
+    def __init__(self, kind: str, index: int, part: dict[str, Any]) -> None:
+        self.kind = kind
+        self.index = index
+        self.part = part
+        self.pieces: list[str] = []
+
+
+class _Item:
+    """An open output item."""
+
+    __slots__ = ("id", "item", "output_index", "part")
+
+    def __init__(self, item: dict[str, Any], output_index: int) -> None:
+        self.item = item
+        self.id: str = item["id"]
+        self.output_index = output_index
+        self.part: _Part | None = None
+
+
+class _Call(_Item):
+    """An open function call; fragments may arrive before its name is known."""
+
+    __slots__ = ("announced", "pieces")
+
+    def __init__(self, item: dict[str, Any], output_index: int) -> None:
+        super().__init__(item, output_index)
+        self.pieces: list[str] = []
+        self.announced = False
+
+
+class ToolNotAllowed(Exception):
+    """The model called a tool outside the set the request allows."""
+
+
+class Transcoder:
+    """Turns one upstream chunk stream into one Open Responses event stream.
+
+    `response` is the in-progress response object (see `resource.build_response`); it is
+    updated in place and is the final object once a terminal event has been produced.
+    `allowed_tools` is the set of function names the model may call; a call to any other name
+    fails the response instead of reaching the client (the spec's hard `allowed_tools` rule).
+    """
+
+    def __init__(
+        self,
+        response: dict[str, Any],
+        *,
+        allowed_tools: Iterable[str] = (),
+        reasoning_events: str = "spec",
+        include_logprobs: bool = False,
+        id_factory: Callable[[str], str] = new_id,
+    ) -> None:
+        self.response = response
+        self._new_id = id_factory
+        self.allowed_tools = frozenset(allowed_tools)
+        self._reasoning_delta, self._reasoning_done = REASONING_EVENT_NAMES[reasoning_events]
+        self._logprobs = include_logprobs
+        self._events: list[Event] = []
+        self._seq = 0
+        self._output: list[dict[str, Any]] = response["output"]
+        self._content: _Item | None = None  # the open message or reasoning item
+        self._calls: dict[int, _Call] = {}
+        self._last: _Item | None = None  # the item that received the latest delta
+        self._finish_reason: str | None = None
+        self.finished = False
+        self.saw_finish_reason = False
+
+    # -- driving -------------------------------------------------------------------------
+
+    def take(self) -> list[Event]:
+        """Events produced since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def start(self) -> None:
+        """`response.created` then `response.in_progress`."""
+        self._emit({"type": "response.created", "response": self._snapshot()})
+        self._emit({"type": "response.in_progress", "response": self._snapshot()})
+
+    def feed(self, chunk: Any) -> None:
+        """One decoded `chat.completion.chunk`. Raises `ToolNotAllowed`, `ValueError`."""
+        if self.finished:
+            return
+        if not isinstance(chunk, dict):
+            raise ValueError("upstream chunk is not a JSON object")
+        choices = chunk.get("choices")
+        if choices:
+            choice = choices[0]
+            delta = choice.get("delta")
+            if delta:
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    self._reasoning_text(reasoning)
+                content = delta.get("content")
+                if content:
+                    self._message_text("output_text", content, choice.get("logprobs"))
+                refusal = delta.get("refusal")
+                if refusal:
+                    self._message_text("refusal", refusal, None)
+                tool_calls = delta.get("tool_calls")
+                if tool_calls:
+                    for fragment in tool_calls:
+                        self._tool_fragment(fragment)
+            finish = choice.get("finish_reason")
+            if finish:
+                self._finish_reason = finish
+                self.saw_finish_reason = True
+        usage = chunk.get("usage")
+        if usage:
+            self.response["usage"] = usage_from_chat(usage)
+
+    def finish(self) -> None:
+        """The upstream ended normally: close every open item, then the terminal event."""
+        if self.finished:
+            return
+        reason = _INCOMPLETE_REASONS.get(self._finish_reason or "")
+        cut = self._last if reason is not None else None
+        for open_item in self._open_items():
+            if open_item is not cut:
+                self._close(open_item, "completed")
+        if cut is not None:
+            self._close(cut, "incomplete")
+        self._calls.clear()
+        self.finished = True
+        response = self.response
+        if reason is not None:
+            response["status"] = "incomplete"
+            response["incomplete_details"] = {"reason": reason}
+            self._emit({"type": "response.incomplete", "response": response})
+        else:
+            response["status"] = "completed"
+            response["completed_at"] = int(time.time())
+            self._emit({"type": "response.completed", "response": response})
+
+    def fail(self, code: str, message: str, *, type: str = "server_error") -> None:
+        """An `error` event then `response.failed`, keeping whatever output had arrived."""
+        if self.finished:
+            return
+        self._abandon_open_items()
+        self.finished = True
+        self._emit(
+            {
+                "type": "error",
+                "error": {"type": type, "code": code, "message": message, "param": None},
+            }
+        )
+        self.response["status"] = "failed"
+        self.response["error"] = {"code": code, "message": message}
+        self._emit({"type": "response.failed", "response": self.response})
+
+    def retract_terminal(self) -> None:
+        """Take back the terminal event (taken, not yet sent) so that `fail` can replace it."""
+        self._seq -= 1
+        self.finished = False
+        self.response["completed_at"] = None
+        self.response["incomplete_details"] = None
+
+    def interrupt(self, reason: str = "client_disconnected") -> None:
+        """The client went away: settle the response as incomplete, producing no events."""
+        if self.finished:
+            return
+        self._abandon_open_items()
+        self.finished = True
+        self.response["status"] = "incomplete"
+        self.response["incomplete_details"] = {"reason": reason}
+
+    # -- content -------------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        event["sequence_number"] = self._seq
+        self._seq += 1
+        self._events.append(event)
+
+    def _snapshot(self) -> dict[str, Any]:
+        return dict(self.response, output=[dict(item) for item in self._output])
+
+    def _open_item(self, item: dict[str, Any]) -> int:
+        index = len(self._output)
+        self._output.append(item)
+        snapshot = dict(item)
+        if "content" in snapshot:
+            snapshot["content"] = []
+        self._emit({"type": "response.output_item.added", "output_index": index, "item": snapshot})
+        return index
+
+    def _content_item(self, item_type: str) -> _Item:
+        current = self._content
+        if current is not None:
+            if current.item["type"] == item_type:
+                return current
+            self._close(current, "completed")
+        if item_type == "message":
+            item = {
+                "id": self._new_id("msg"),
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+        else:
+            item = {"id": self._new_id("rs"), "type": "reasoning", "summary": [], "content": []}
+        opened = _Item(item, 0)
+        opened.output_index = self._open_item(item)
+        self._content = opened
+        return opened
+
+    def _part(self, owner: _Item, kind: str) -> _Part:
+        current = owner.part
+        if current is not None:
+            if current.kind == kind:
+                return current
+            self._close_part(owner, current)
+        if kind == "output_text":
+            part: dict[str, Any] = {"type": "output_text", "text": "", "annotations": [],
+                                    "logprobs": []}
+        elif kind == "refusal":
+            part = {"type": "refusal", "refusal": ""}
+        else:
+            part = {"type": "reasoning_text", "text": ""}
+        content = owner.item["content"]
+        opened = _Part(kind, len(content), part)
+        content.append(part)
+        owner.part = opened
+        self._emit(
+            {
+                "type": "response.content_part.added",
+                "item_id": owner.id,
+                "output_index": owner.output_index,
+                "content_index": opened.index,
+                "part": dict(part),
+            }
+        )
+        return opened
+
+    def _message_text(self, kind: str, text: str, logprobs: Any) -> None:
+        item = self._content_item("message")
+        part = self._part(item, kind)
+        part.pieces.append(text)
+        self._last = item
+        if kind == "refusal":
+            self._emit(
+                {
+                    "type": "response.refusal.delta",
+                    "item_id": item.id,
+                    "output_index": item.output_index,
+                    "content_index": part.index,
+                    "delta": text,
+                }
+            )
+            return
+        tokens: list[Any] = []
+        if self._logprobs and logprobs:
+            tokens = logprobs.get("content") or []
+            part.part["logprobs"].extend(tokens)
+        self._emit(
+            {
+                "type": "response.output_text.delta",
+                "item_id": item.id,
+                "output_index": item.output_index,
+                "content_index": part.index,
+                "delta": text,
+                "logprobs": tokens,
+            }
+        )
+
+    def _reasoning_text(self, text: str) -> None:
+        item = self._content_item("reasoning")
+        part = self._part(item, "reasoning_text")
+        part.pieces.append(text)
+        self._last = item
+        self._emit(
+            {
+                "type": self._reasoning_delta,
+                "item_id": item.id,
+                "output_index": item.output_index,
+                "content_index": part.index,
+                "delta": text,
+            }
+        )
+
+    def _tool_fragment(self, fragment: dict[str, Any]) -> None:
+        index = fragment.get("index", 0)
+        function = fragment.get("function") or {}
+        call = self._calls.get(index)
+        if call is None:
+            # A call arriving ends any message or reasoning in progress: the model moved on.
+            if self._content is not None:
+                self._close(self._content, "completed")
+            item = {
+                "id": self._new_id("fc"),
+                "type": "function_call",
+                "status": "in_progress",
+                "call_id": self._new_id("call"),
+                "name": "",
+                "arguments": "",
+            }
+            call = self._calls[index] = _Call(item, -1)
+        arguments = function.get("arguments")
+        if arguments:
+            call.pieces.append(arguments)
+        if call.announced:
+            if arguments:
+                self._emit_arguments(call, arguments)
+        else:
+            if fragment.get("id"):
+                call.item["call_id"] = fragment["id"]
+            name = function.get("name")
+            if not name:
+                return  # `output_item.added` needs the name: hold the fragments until it comes
+            if name not in self.allowed_tools:
+                raise ToolNotAllowed(name)
+            call.item["name"] = name
+            call.output_index = self._open_item(call.item)
+            call.announced = True
+            if call.pieces:
+                self._emit_arguments(call, "".join(call.pieces))
+        self._last = call
+
+    def _emit_arguments(self, call: _Call, delta: str) -> None:
+        self._emit(
+            {
+                "type": "response.function_call_arguments.delta",
+                "item_id": call.id,
+                "output_index": call.output_index,
+                "delta": delta,
+            }
+        )
+
+    # -- closing -------------------------------------------------------------------------
+
+    def _open_items(self) -> list[_Item]:
+        items: list[_Item] = [c for c in self._calls.values() if c.announced]
+        if self._content is not None:
+            items.append(self._content)
+        items.sort(key=lambda it: it.output_index)
+        return items
+
+    def _close_part(self, owner: _Item, part: _Part) -> None:
+        text = "".join(part.pieces)
+        base = {"item_id": owner.id, "output_index": owner.output_index,
+                "content_index": part.index}
+        if part.kind == "refusal":
+            part.part["refusal"] = text
+            self._emit({"type": "response.refusal.done", **base, "refusal": text})
+        elif part.kind == "output_text":
+            part.part["text"] = text
+            self._emit({"type": "response.output_text.done", **base, "text": text,
+                        "logprobs": part.part["logprobs"]})
+        else:
+            part.part["text"] = text
+            self._emit({"type": self._reasoning_done, **base, "text": text})
+        self._emit({"type": "response.content_part.done", **base, "part": part.part})
+        owner.part = None
+
+    def _close(self, open_item: _Item, status: str) -> None:
+        item = open_item.item
+        if isinstance(open_item, _Call):
+            arguments = "".join(open_item.pieces)
+            item["arguments"] = arguments
+            item["status"] = status
+            self._emit(
+                {
+                    "type": "response.function_call_arguments.done",
+                    "item_id": open_item.id,
+                    "output_index": open_item.output_index,
+                    "arguments": arguments,
+                }
+            )
+        else:
+            if open_item.part is not None:
+                self._close_part(open_item, open_item.part)
+            if item["type"] == "message":
+                item["status"] = status
+            self._content = None
+        self._emit(
+            {"type": "response.output_item.done", "output_index": open_item.output_index,
+             "item": item}
+        )
+
+    def _abandon_open_items(self) -> None:
+        """Settle open items as incomplete with the text they have, without events."""
+        for open_item in self._open_items():
+            item = open_item.item
+            if isinstance(open_item, _Call):
+                item["arguments"] = "".join(open_item.pieces)
+            elif open_item.part is not None:
+                part = open_item.part
+                key = "refusal" if part.kind == "refusal" else "text"
+                part.part[key] = "".join(part.pieces)
+            if "status" in item:
+                item["status"] = "incomplete"
+        self._calls.clear()
+        self._content = None
