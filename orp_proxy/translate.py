@@ -1,0 +1,292 @@
+"""Open Responses request → Chat Completions request.
+
+Two steps: `normalize_input` turns the client's `input` into typed items with ids (what the store
+keeps and what `input_items` lists), and `build_chat_request` turns a whole context (stored
+lineage + new items) into one `POST /chat/completions` body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .config import Settings
+from .resource import new_id
+
+_ID_PREFIX = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "reasoning": "rs",
+    "compaction": "cmp",
+}
+
+
+def item_type(item: Mapping[str, Any]) -> str:
+    """The item's type, applying the spec's defaults for items that omit it."""
+    kind = item.get("type")
+    if kind:
+        return str(kind)
+    return "message" if "role" in item else "item_reference"
+
+
+def normalize_item(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of one validated input item with `type` and `id` set and string content as parts."""
+    kind = item_type(item)
+    out = dict(item)
+    out["type"] = kind
+    if not out.get("id"):
+        out["id"] = new_id(_ID_PREFIX.get(kind, "item"))
+    if kind == "message":
+        content = out.get("content")
+        if isinstance(content, str):
+            if out.get("role") == "assistant":
+                out["content"] = [{"type": "output_text", "text": content, "annotations": []}]
+            else:
+                out["content"] = [{"type": "input_text", "text": content}]
+        out.setdefault("status", "completed")
+    return out
+
+
+def normalize_input(value: Any) -> list[dict[str, Any]]:
+    """The request's `input` (string, item list or null) as normalised items.
+
+    `item_reference` items are kept as they are; the handler resolves them against the store.
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [normalize_item({"type": "message", "role": "user", "content": value})]
+    return [
+        dict(item) if item_type(item) == "item_reference" else normalize_item(item)
+        for item in value
+    ]
+
+
+# -- items → chat messages ----------------------------------------------------------------
+
+
+def _joined_text(content: Any, key: str = "text") -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part.get(key) or "" for part in content)
+
+
+def _user_part(part: Mapping[str, Any]) -> dict[str, Any]:
+    kind = part["type"]
+    if kind == "input_text":
+        return {"type": "text", "text": part["text"]}
+    if kind == "input_image":
+        image: dict[str, Any] = {"url": part["image_url"]}
+        if part.get("detail"):
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    if kind == "input_file":
+        file = {k: part[k] for k in ("filename", "file_data", "file_url") if part.get(k)}
+        return {"type": "file", "file": file}
+    if kind == "input_video":
+        return {"type": "video_url", "video_url": {"url": part["video_url"]}}
+    raise ValueError(f"unsupported content part {kind!r}")
+
+
+def _user_content(content: Any) -> Any:
+    if isinstance(content, str):
+        return content
+    parts = [_user_part(p) for p in content]
+    if all(p["type"] == "text" for p in parts):
+        # Text-only content as one string: the shape every legacy chat template understands.
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+class _Messages:
+    """Accumulates chat messages, merging what Chat Completions keeps in one message."""
+
+    def __init__(self, developer_role: str) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.developer_role = developer_role
+        # Non-text parts of tool outputs, sent as a user message after the run of tool messages
+        # (Chat Completions `tool` messages carry text only).
+        self._tool_media: list[dict[str, Any]] = []
+
+    def _flush_media(self) -> None:
+        if self._tool_media:
+            self.messages.append({"role": "user", "content": self._tool_media})
+            self._tool_media = []
+
+    def add(self, item: Mapping[str, Any]) -> None:
+        kind = item_type(item)
+        if kind != "function_call_output":
+            self._flush_media()
+        if kind == "message":
+            self._message(item)
+        elif kind == "function_call":
+            self._function_call(item)
+        elif kind == "function_call_output":
+            self._function_output(item)
+        # Reasoning items are dropped: Chat Completions has no input slot for them, and some
+        # servers reject `reasoning_content` on input messages.
+
+    def _message(self, item: Mapping[str, Any]) -> None:
+        role = item["role"]
+        content = item["content"]
+        if role == "user":
+            self.messages.append({"role": "user", "content": _user_content(content)})
+        elif role == "assistant":
+            if isinstance(content, str):
+                text = content
+            else:
+                text = "".join(
+                    (p.get("text") if p["type"] == "output_text" else p.get("refusal")) or ""
+                    for p in content
+                )
+            self.messages.append({"role": "assistant", "content": text})
+        else:
+            target = self.developer_role if role == "developer" else "system"
+            self.messages.append({"role": target, "content": _joined_text(content)})
+
+    def _function_call(self, item: Mapping[str, Any]) -> None:
+        call = {
+            "id": item["call_id"],
+            "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]},
+        }
+        last = self.messages[-1] if self.messages else None
+        if last is not None and last["role"] == "assistant":
+            # The model's text and the calls it made in the same turn are one chat message.
+            last.setdefault("tool_calls", []).append(call)
+            if not last.get("content"):
+                last["content"] = None
+        else:
+            self.messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+
+    def _function_output(self, item: Mapping[str, Any]) -> None:
+        output = item["output"]
+        if isinstance(output, str):
+            text = output
+        else:
+            texts = []
+            for part in output:
+                if part["type"] == "input_text":
+                    texts.append(part["text"])
+                else:
+                    self._tool_media.append(_user_part(part))
+            text = "".join(texts)
+        self.messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": text})
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._flush_media()
+        return self.messages
+
+
+def to_chat_messages(
+    items: Iterable[Mapping[str, Any]], *, instructions: str | None, developer_role: str
+) -> list[dict[str, Any]]:
+    """Chat messages for a context of items, `instructions` first as a system message."""
+    builder = _Messages(developer_role)
+    if instructions:
+        builder.messages.append({"role": "system", "content": instructions})
+    for item in items:
+        builder.add(item)
+    return builder.finish()
+
+
+# -- tools and the rest of the body -------------------------------------------------------
+
+
+def allowed_tool_names(body: Mapping[str, Any]) -> frozenset[str]:
+    """Names the model may call in this request (enforced on the way back)."""
+    names = [tool["name"] for tool in body.get("tools") or ()]
+    choice = body.get("tool_choice")
+    if choice == "none":
+        return frozenset()
+    if isinstance(choice, dict):
+        if choice.get("type") == "allowed_tools":
+            if choice.get("mode") == "none":
+                return frozenset()
+            return frozenset(t["name"] for t in choice["tools"]) & frozenset(names)
+        return frozenset({choice["name"]})
+    return frozenset(names)
+
+
+def _chat_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool["name"]}
+    if tool.get("description") is not None:
+        function["description"] = tool["description"]
+    function["parameters"] = tool.get("parameters") or {"type": "object", "properties": {}}
+    if tool.get("strict") is not None:
+        function["strict"] = tool["strict"]
+    return {"type": "function", "function": function}
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    if isinstance(choice, str):
+        return choice
+    if choice.get("type") == "allowed_tools":
+        # All tools stay visible upstream (the prompt cache stays warm); the subset is
+        # enforced on the way back. A single required tool can be forced exactly.
+        mode = choice.get("mode") or "auto"
+        if mode == "required" and len(choice["tools"]) == 1:
+            return {"type": "function", "function": {"name": choice["tools"][0]["name"]}}
+        return mode
+    return {"type": "function", "function": {"name": choice["name"]}}
+
+
+def _response_format(text: Any) -> dict[str, Any] | None:
+    if not isinstance(text, dict):
+        return None
+    fmt = text.get("format")
+    if not isinstance(fmt, dict):
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    if fmt["type"] != "json_schema":
+        return None
+    schema: dict[str, Any] = {"name": fmt["name"], "schema": fmt["schema"]}
+    if fmt.get("description") is not None:
+        schema["description"] = fmt["description"]
+    if fmt.get("strict") is not None:
+        schema["strict"] = fmt["strict"]
+    return {"type": "json_schema", "json_schema": schema}
+
+
+_PASSTHROUGH = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+
+
+def build_chat_request(
+    body: Mapping[str, Any],
+    messages: list[dict[str, Any]],
+    *,
+    model: str,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The Chat Completions body: always streamed, always asking for usage."""
+    chat: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    tools = body.get("tools")
+    if tools:
+        chat["tools"] = [_chat_tool(t) for t in tools]
+        if body.get("tool_choice") is not None:
+            chat["tool_choice"] = _chat_tool_choice(body["tool_choice"])
+        if body.get("parallel_tool_calls") is not None:
+            chat["parallel_tool_calls"] = body["parallel_tool_calls"]
+    response_format = _response_format(body.get("text"))
+    if response_format is not None:
+        chat["response_format"] = response_format
+    if body.get("max_output_tokens") is not None:
+        chat[settings.max_tokens_field] = body["max_output_tokens"]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        chat["reasoning_effort"] = reasoning["effort"]
+    for name in _PASSTHROUGH:
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    if "message.output_text.logprobs" in (body.get("include") or ()):
+        chat["logprobs"] = True
+        if body.get("top_logprobs"):
+            chat["top_logprobs"] = body["top_logprobs"]
+    return chat
