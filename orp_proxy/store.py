@@ -1,0 +1,665 @@
+"""Stored responses: what `previous_response_id`, `GET/DELETE /v1/responses/{id}` and
+`/input_items` read, and what `item_reference` inputs resolve against.
+
+`SQLiteStore` keeps everything in one SQLite file that every gunicorn worker opens with its own
+single aiosqlite connection. Rules that keep several writing processes free of "database is
+locked" and of half-written rows:
+
+* WAL journal, `synchronous=NORMAL`, a `busy_timeout`, and every write transaction opened with
+  `BEGIN IMMEDIATE`: a deferred transaction that upgrades from read to write gets `SQLITE_BUSY`
+  at once, without waiting for the busy timeout.
+* One asyncio lock per connection serialises all statements of the worker's concurrent requests,
+  so a reader never sees another request's uncommitted half-transaction on the shared connection.
+* Writes run in their own task shielded from the caller's cancellation, so a client that hangs up
+  mid-save cannot leave a transaction open or unfinished.
+
+Layout: `responses` holds one row per response (the ResponseResource JSON with its `output`
+emptied); `items` holds each input and output item once, in order. A conversation's context is
+read with one recursive query that walks `previous_response_id` and joins the items, so the
+items are never stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import aiosqlite
+import ujson
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "InputItemsPage",
+    "ResponseStore",
+    "SQLiteStore",
+    "StoredResponse",
+]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_INPUT = 0
+_OUTPUT = 1
+
+# Guards the recursive walk against a cycle in previous_response_id (which the gateway never
+# creates, but a hand-edited database could); far above any real conversation.
+_MAX_LINEAGE_DEPTH = 100_000
+_PURGE_BATCH = 500
+# Stays well under SQLite's bound-parameter limit.
+_IN_CHUNK = 500
+
+# Forward migrations; entry N takes the schema from user_version N to N + 1. Never edit a
+# released entry: append a new one.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        # `response` is the ResponseResource JSON with "output" set to []: the output items live
+        # in `items` and are put back on read, so each item is stored once.
+        """CREATE TABLE responses (
+            rid                  INTEGER PRIMARY KEY,
+            id                   TEXT NOT NULL UNIQUE,
+            owner                TEXT NOT NULL,
+            previous_response_id TEXT,
+            created_at           INTEGER NOT NULL,
+            status               TEXT NOT NULL,
+            expires_at           REAL,
+            response             TEXT NOT NULL
+        )""",
+        # Covers the lineage walk (id -> owner, parent) without touching the wide table rows.
+        """CREATE INDEX responses_walk ON responses (id, owner, previous_response_id)""",
+        """CREATE INDEX responses_expiry ON responses (expires_at)
+            WHERE expires_at IS NOT NULL""",
+        # kind 0 = input, 1 = output; (kind, seq) is the spec order within one response.
+        """CREATE TABLE items (
+            rid          INTEGER PRIMARY KEY,
+            response_rid INTEGER NOT NULL REFERENCES responses (rid) ON DELETE CASCADE,
+            kind         INTEGER NOT NULL,
+            seq          INTEGER NOT NULL,
+            item_id      TEXT,
+            body         TEXT NOT NULL,
+            UNIQUE (response_rid, kind, seq)
+        )""",
+        """CREATE INDEX items_by_id ON items (item_id) WHERE item_id IS NOT NULL""",
+    ),
+)
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_LINEAGE_SQL = """
+WITH RECURSIVE chain (rid, parent, depth) AS (
+    SELECT rid, previous_response_id, 0 FROM responses WHERE id = ?1 AND owner = ?2
+    UNION ALL
+    SELECT r.rid, r.previous_response_id, c.depth + 1
+    FROM chain AS c JOIN responses AS r ON r.id = c.parent
+    WHERE r.owner = ?2 AND c.depth < ?3
+)
+SELECT i.body FROM chain AS c LEFT JOIN items AS i ON i.response_rid = c.rid
+ORDER BY c.depth DESC, i.kind, i.seq
+"""
+
+_GET_RESPONSE_SQL = """
+SELECT r.response, i.body FROM responses AS r
+LEFT JOIN items AS i ON i.response_rid = r.rid AND i.kind = 1
+WHERE r.id = ? AND r.owner = ?
+ORDER BY i.seq
+"""
+
+_UPSERT_RESPONSE_SQL = """
+INSERT INTO responses
+    (id, owner, previous_response_id, created_at, status, expires_at, response)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    owner = excluded.owner,
+    previous_response_id = excluded.previous_response_id,
+    created_at = excluded.created_at,
+    status = excluded.status,
+    expires_at = excluded.expires_at,
+    response = excluded.response
+RETURNING rid
+"""
+
+_INSERT_ITEM_SQL = (
+    "INSERT INTO items (response_rid, kind, seq, item_id, body) VALUES (?, ?, ?, ?, ?)"
+)
+
+_INPUT_CURSORS_SQL = """
+SELECT r.rid,
+    (SELECT seq FROM items WHERE response_rid = r.rid AND kind = 0 AND item_id = ?3),
+    (SELECT seq FROM items WHERE response_rid = r.rid AND kind = 0 AND item_id = ?4)
+FROM responses AS r WHERE r.id = ?1 AND r.owner = ?2
+"""
+
+_PURGE_SQL = """
+DELETE FROM responses WHERE rid IN (
+    SELECT rid FROM responses WHERE expires_at <= ? LIMIT ?
+) RETURNING rid
+"""
+
+
+def _dumps(obj: Any) -> str:
+    text: str = ujson.dumps(obj, ensure_ascii=False, escape_forward_slashes=False)
+    if not text.isascii():
+        # A lone surrogate (valid in a Python str, and in JSON as an escape) cannot be encoded
+        # as UTF-8 for SQLite; the ASCII form escapes it and loads back identically.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = ujson.dumps(obj, ensure_ascii=True, escape_forward_slashes=False)
+    return text
+
+
+def _loads_list(bodies: Iterable[str]) -> list[dict[str, Any]]:
+    # One parse of the joined array is much faster than one ujson.loads call per item.
+    items: list[dict[str, Any]] = ujson.loads("[" + ",".join(bodies) + "]")
+    return items
+
+
+@dataclass
+class StoredResponse:
+    """One response as saved after it finished (or failed)."""
+
+    id: str
+    owner: str
+    previous_response_id: str | None
+    created_at: int
+    status: str
+    response: dict[str, Any]
+    input_items: list[dict[str, Any]]
+    expires_at: float | None = None
+
+
+@dataclass
+class InputItemsPage:
+    """A page of `GET /v1/responses/{id}/input_items`."""
+
+    data: list[dict[str, Any]]
+    has_more: bool
+
+
+class ResponseStore(Protocol):
+    """What the HTTP handlers need from a response store (a server database could provide it)."""
+
+    async def save_response(self, record: StoredResponse) -> None:
+        """Insert or replace a response with its input and output items, atomically."""
+        ...
+
+    async def load_lineage(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
+        """Items to continue from `response_id`: each turn's input then output, oldest first.
+
+        None when the response is unknown to this owner. A missing ancestor (deleted, purged)
+        ends the walk: the context starts after the gap.
+        """
+        ...
+
+    async def get_response(self, owner: str, response_id: str) -> dict[str, Any] | None:
+        """The ResponseResource as sent to the client, or None."""
+        ...
+
+    async def delete_response(self, owner: str, response_id: str) -> bool:
+        """Delete a response and its items; its children keep theirs. False if unknown."""
+        ...
+
+    async def list_input_items(
+        self,
+        owner: str,
+        response_id: str,
+        *,
+        limit: int = 20,
+        order: str = "desc",
+        after: str | None = None,
+        before: str | None = None,
+    ) -> InputItemsPage | None:
+        """A page of a response's input items with OpenAI's cursor semantics, or None."""
+        ...
+
+    async def get_items(self, owner: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Stored input or output items of this owner by id; unknown ids are left out."""
+        ...
+
+    async def purge_expired(self, now: float | None = None) -> int:
+        """Delete responses whose `expires_at` has passed; returns how many."""
+        ...
+
+    # The name `timeout` is part of the agreed interface (ASYNC109 prefers asyncio.timeout).
+    async def check_writable(self, timeout: float = 1.0) -> bool:  # noqa: ASYNC109
+        """True if a small write transaction commits within `timeout` seconds."""
+        ...
+
+    async def stats(self) -> dict[str, Any]:
+        """Counts and sizes for the admin and metrics endpoints."""
+        ...
+
+    async def vacuum(self) -> None:
+        """Give free pages back to the file system."""
+        ...
+
+    def owner_id(self, credential: str | None) -> str:
+        """The opaque owner of requests made with `credential` (None: anonymous)."""
+        ...
+
+    async def close(self) -> None:
+        """Finish pending writes and release the database."""
+        ...
+
+
+class SQLiteStore:
+    """`ResponseStore` on one SQLite file shared by all worker processes.
+
+    Create with `await SQLiteStore.open(path)`, one per process, and `await close()` it on
+    shutdown (an open aiosqlite connection keeps the process from exiting).
+    """
+
+    def __init__(self, db: aiosqlite.Connection, path: str, owner_key: bytes) -> None:
+        self._db = db
+        self._path = path
+        self._owner_key = owner_key
+        self._lock = asyncio.Lock()
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @classmethod
+    async def open(
+        cls, path: str, *, owner_secret: bytes | None = None, busy_timeout_ms: int = 5000
+    ) -> SQLiteStore:
+        """Connect, set the pragmas, bring the schema up to date and load the owner key.
+
+        `owner_secret` keys `owner_id`; without it a random key is created once and kept in
+        the database, so every worker and every restart derive the same owners.
+        """
+        # isolation_level=None: the sqlite3 module must not open transactions behind our back;
+        # we issue BEGIN IMMEDIATE / COMMIT ourselves.
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            # Before anything else, so that the journal-mode switch and the migration wait
+            # for a concurrently starting worker instead of failing.
+            await db.execute_fetchall(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            rows = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
+            if str(rows[0][0]).lower() != "wal":
+                log.warning(
+                    "SQLite store %s: journal_mode is %s, not WAL; concurrent workers will "
+                    "block each other",
+                    path,
+                    rows[0][0],
+                )
+            await db.execute_fetchall("PRAGMA synchronous = NORMAL")
+            await db.execute_fetchall("PRAGMA foreign_keys = ON")
+            # Without a limit the WAL file keeps the size of its largest transaction
+            # (a VACUUM: the whole database) until the last connection closes.
+            await db.execute_fetchall("PRAGMA journal_size_limit = 67108864")
+            stored_key = await _migrate(db, create_key=owner_secret is None)
+        except BaseException:
+            await db.close()
+            raise
+        key = owner_secret if owner_secret is not None else stored_key
+        assert key is not None
+        return cls(db, path, key)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        # Every statement, even BEGIN or a PRAGMA, is run to completion here: a statement whose
+        # rows are left unread stays active, which makes VACUUM fail and pins the read snapshot.
+        return list(await self._db.execute_fetchall(sql, params))
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._closing:
+            raise RuntimeError("response store is closed")
+        async with self._lock:
+            return await self._fetch(sql, params)
+
+    def _start_exclusive(self, body: Callable[[], Awaitable[_T]]) -> asyncio.Task[_T]:
+        """Run `body` holding the connection lock, in a task the caller's cancellation
+        cannot reach (the caller awaits it through `asyncio.shield`)."""
+        if self._closing:
+            raise RuntimeError("response store is closed")
+
+        async def run() -> _T:
+            async with self._lock:
+                return await body()
+
+        task = asyncio.get_running_loop().create_task(run())
+        # The loop keeps only weak references to tasks; close() also waits for these.
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return task
+
+    def _start_transaction(self, body: Callable[[], Awaitable[_T]]) -> asyncio.Task[_T]:
+        async def transaction() -> _T:
+            await self._fetch("BEGIN IMMEDIATE")
+            try:
+                result = await body()
+                await self._fetch("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back on its own (e.g. SQLITE_FULL).
+                if self._db.in_transaction:
+                    await self._fetch("ROLLBACK")
+                raise
+            return result
+
+        return self._start_exclusive(transaction)
+
+    async def _shielded(self, task: asyncio.Task[_T]) -> _T:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Nobody will await the result any more; a failure must still reach the log.
+            task.add_done_callback(_log_abandoned_failure)
+            raise
+
+    async def _write(self, body: Callable[[], Awaitable[_T]]) -> _T:
+        return await self._shielded(self._start_transaction(body))
+
+    # -- public API --------------------------------------------------------------------------
+
+    def owner_id(self, credential: str | None) -> str:
+        """HMAC-SHA256 (hex) of the credential under the store's key; None means anonymous."""
+        message = (credential or "").encode("utf-8", "surrogatepass")
+        return hmac.new(self._owner_key, message, hashlib.sha256).hexdigest()
+
+    async def save_response(self, record: StoredResponse) -> None:
+        """Insert or replace `record` with its input and output items in one transaction."""
+        response = dict(record.response)
+        output = response.get("output")
+        if output is None:
+            output = []
+        elif not isinstance(output, list):
+            raise TypeError("response['output'] must be a list of items")
+        if "output" in response:
+            response["output"] = []
+        rows = [(_INPUT, seq, item) for seq, item in enumerate(record.input_items)] + [
+            (_OUTPUT, seq, item) for seq, item in enumerate(output)
+        ]
+        # Serialise before taking the lock: JSON encoding of large items is the slow part.
+        encoded = [(kind, seq, _item_id(item), _dumps(item)) for kind, seq, item in rows]
+        response_json = _dumps(response)
+        params = (
+            record.id,
+            record.owner,
+            record.previous_response_id,
+            int(record.created_at),
+            record.status,
+            record.expires_at,
+            response_json,
+        )
+
+        async def body() -> None:
+            (rid,) = (await self._fetch(_UPSERT_RESPONSE_SQL, params))[0]
+            await self._fetch("DELETE FROM items WHERE response_rid = ?", (rid,))
+            if encoded:
+                await self._db.executemany(_INSERT_ITEM_SQL, [(rid, *row) for row in encoded])
+
+        await self._write(body)
+
+    async def load_lineage(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
+        """Context for continuing from `response_id`, in spec order, from one query.
+
+        `ancestor.input + ancestor.output + ... + target.input + target.output`; None if the
+        target is unknown for this owner; an ancestor that is gone ends the walk there.
+        """
+        rows = await self._read(_LINEAGE_SQL, (response_id, owner, _MAX_LINEAGE_DEPTH))
+        if not rows:
+            return None
+        return _loads_list(body for (body,) in rows if body is not None)
+
+    async def get_response(self, owner: str, response_id: str) -> dict[str, Any] | None:
+        """The ResponseResource as it was sent to the client, or None."""
+        rows = await self._read(_GET_RESPONSE_SQL, (response_id, owner))
+        if not rows:
+            return None
+        response: dict[str, Any] = ujson.loads(rows[0][0])
+        if "output" in response:
+            # Same key position as when saved: the placeholder is replaced in place.
+            response["output"] = _loads_list(body for _, body in rows if body is not None)
+        return response
+
+    async def delete_response(self, owner: str, response_id: str) -> bool:
+        """Delete the response and its items (children keep theirs); False if unknown."""
+
+        async def body() -> bool:
+            rows = await self._fetch(
+                "DELETE FROM responses WHERE id = ? AND owner = ? RETURNING rid",
+                (response_id, owner),
+            )
+            return bool(rows)
+
+        return await self._write(body)
+
+    async def list_input_items(
+        self,
+        owner: str,
+        response_id: str,
+        *,
+        limit: int = 20,
+        order: str = "desc",
+        after: str | None = None,
+        before: str | None = None,
+    ) -> InputItemsPage | None:
+        """A page of the response's input items, OpenAI style.
+
+        `order` "desc" (newest first, the default) or "asc"; `after`/`before` are item ids
+        excluded from the page, read in that order; `has_more` tells whether more items lie
+        beyond the page in the direction of reading (towards the start for a `before`-only
+        page). An unknown cursor gives an empty page. None if the response is unknown.
+        Raises ValueError for a `limit` outside 1..100 or another `order`.
+        """
+        if not 1 <= limit <= 100:
+            raise ValueError("limit must be between 1 and 100")
+        if order not in ("asc", "desc"):
+            raise ValueError("order must be 'asc' or 'desc'")
+        if self._closing:
+            raise RuntimeError("response store is closed")
+        async with self._lock:
+            found = await self._fetch(_INPUT_CURSORS_SQL, (response_id, owner, after, before))
+            if not found:
+                return None
+            rid, after_seq, before_seq = found[0]
+            if (after is not None and after_seq is None) or (
+                before is not None and before_seq is None
+            ):
+                return InputItemsPage(data=[], has_more=False)
+            # Exclusive seq bounds, whichever order the client reads in.
+            low, high = (after_seq, before_seq) if order == "asc" else (before_seq, after_seq)
+            low = -1 if low is None else low
+            high = 1 << 62 if high is None else high
+            # A before-only page is the `limit` items nearest the cursor, read away from it.
+            toward_start = before is not None and after is None
+            ascending = (order == "asc") != toward_start
+            rows = await self._fetch(
+                "SELECT body FROM items WHERE response_rid = ? AND kind = 0 AND seq > ? "
+                f"AND seq < ? ORDER BY seq {'ASC' if ascending else 'DESC'} LIMIT ?",
+                (rid, low, high, limit + 1),
+            )
+        has_more = len(rows) > limit
+        bodies = [body for (body,) in rows[:limit]]
+        if toward_start:
+            bodies.reverse()
+        return InputItemsPage(data=_loads_list(bodies), has_more=has_more)
+
+    async def get_items(self, owner: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Resolve `item_reference`s: this owner's stored input/output items by id.
+
+        When an id was stored more than once (a client resending earlier output as input),
+        the most recently stored copy wins.
+        """
+        wanted = list(dict.fromkeys(item_ids))
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = await self._read(
+                "SELECT i.item_id, i.body FROM items AS i "
+                "JOIN responses AS r ON r.rid = i.response_rid "
+                f"WHERE i.item_id IN ({marks}) AND r.owner = ? ORDER BY i.rid",
+                (*chunk, owner),
+            )
+            for item_id, body in rows:
+                found[item_id] = ujson.loads(body)
+        return found
+
+    async def purge_expired(self, now: float | None = None) -> int:
+        """Delete responses with `expires_at <= now` and their items; returns the count.
+
+        Works in batches of 500, each its own transaction, so other writers (in this and other
+        workers) get the lock in between.
+        """
+        cutoff = time.time() if now is None else now
+        total = 0
+        while True:
+
+            async def batch() -> int:
+                return len(await self._fetch(_PURGE_SQL, (cutoff, _PURGE_BATCH)))
+
+            deleted = await self._write(batch)
+            total += deleted
+            if deleted < _PURGE_BATCH:
+                return total
+            await asyncio.sleep(0)
+
+    async def check_writable(self, timeout: float = 1.0) -> bool:  # noqa: ASYNC109
+        """Readiness: does a one-row write transaction commit within `timeout` seconds?
+
+        A slow probe's transaction keeps running; the next probe waits for that one rather
+        than queueing another behind it.
+        """
+        if self._closing:
+            return False
+        if self._heartbeat is None or self._heartbeat.done():
+
+            async def beat() -> None:
+                await self._fetch(
+                    "INSERT INTO meta (key, value) VALUES ('heartbeat', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (repr(time.time()),),
+                )
+
+            self._heartbeat = self._start_transaction(beat)
+            # Marks a failure as retrieved even if every probe timed out before it.
+            self._heartbeat.add_done_callback(_retrieve_quietly)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._heartbeat), timeout)
+        except Exception:
+            return False
+        return True
+
+    async def stats(self) -> dict[str, Any]:
+        """Row counts, file sizes, created_at range, schema version and journal mode."""
+        if self._closing:
+            raise RuntimeError("response store is closed")
+        async with self._lock:
+            counts = await self._fetch(
+                "SELECT (SELECT count(*) FROM responses), (SELECT count(*) FROM items), "
+                "(SELECT min(created_at) FROM responses), (SELECT max(created_at) FROM responses)"
+            )
+            pages = await self._fetch(
+                "SELECT * FROM pragma_page_count(), pragma_page_size(), "
+                "pragma_freelist_count(), pragma_user_version()"
+            )
+            mode = await self._fetch("PRAGMA journal_mode")
+        responses, items, oldest, newest = counts[0]
+        page_count, page_size, free_pages, version = pages[0]
+        return {
+            "path": self._path,
+            "responses": responses,
+            "items": items,
+            "oldest_created_at": oldest,
+            "newest_created_at": newest,
+            "db_bytes": page_count * page_size,
+            "free_bytes": free_pages * page_size,
+            "file_bytes": _file_size(self._path),
+            "wal_bytes": _file_size(self._path + "-wal"),
+            "schema_version": version,
+            "journal_mode": mode[0][0],
+        }
+
+    async def vacuum(self) -> None:
+        """Checkpoint and truncate the WAL, then VACUUM (rebuilds the file without free pages)."""
+
+        async def run() -> None:
+            await self._fetch("PRAGMA wal_checkpoint(TRUNCATE)")
+            await self._fetch("VACUUM")
+            # VACUUM writes the whole database through the WAL; give that space back too.
+            await self._fetch("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        await self._shielded(self._start_exclusive(run))
+
+    async def close(self) -> None:
+        """Let pending writes finish, then close the connection (idempotent)."""
+        if self._closing:
+            return
+        self._closing = True
+        while self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        async with self._lock:
+            await self._db.close()
+
+
+async def _migrate(db: aiosqlite.Connection, *, create_key: bool) -> bytes | None:
+    """Apply pending migrations and fetch (or create) the owner key, in one transaction.
+
+    BEGIN IMMEDIATE makes a second worker starting at the same moment wait, then find the
+    schema current and change nothing.
+    """
+    await db.execute_fetchall("BEGIN IMMEDIATE")
+    try:
+        (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {version} is newer than this ORP ({SCHEMA_VERSION})"
+            )
+        for step in _MIGRATIONS[version:]:
+            for statement in step:
+                await db.execute_fetchall(statement)
+        if version != SCHEMA_VERSION:
+            await db.execute_fetchall(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            log.info("SQLite store migrated from schema %d to %d", version, SCHEMA_VERSION)
+        key: bytes | None = None
+        if create_key:
+            await db.execute_fetchall(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('owner_secret', ?)",
+                (secrets.token_hex(32),),
+            )
+            rows = list(
+                await db.execute_fetchall("SELECT value FROM meta WHERE key = 'owner_secret'")
+            )
+            key = bytes.fromhex(rows[0][0])
+        await db.execute_fetchall("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            await db.execute_fetchall("ROLLBACK")
+        raise
+    return key
+
+
+def _item_id(item: dict[str, Any]) -> str | None:
+    value = item.get("id")
+    return value if isinstance(value, str) else None
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _retrieve_quietly(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("store heartbeat failed: %r", task.exception())
+
+
+def _log_abandoned_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("store write failed after its caller went away", exc_info=error)

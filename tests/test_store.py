@@ -1,0 +1,615 @@
+"""Tests of the SQLite response store (orp_proxy.store)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orp_proxy import store as store_module
+from orp_proxy.store import SCHEMA_VERSION, ResponseStore, SQLiteStore, StoredResponse
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def user(text: str, item_id: str) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "id": item_id,
+        "role": "user",
+        "content": [{"type": "input_text", "text": text}],
+    }
+
+
+def assistant(text: str, item_id: str) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "id": item_id,
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+
+
+def record(
+    resp_id: str,
+    owner: str,
+    prev: str | None = None,
+    *,
+    inputs: list[dict[str, Any]] | None = None,
+    outputs: list[dict[str, Any]] | None = None,
+    expires_at: float | None = None,
+    created_at: int = 1_700_000_000,
+) -> StoredResponse:
+    """A response whose input/output default to one message each, ids derived from resp_id."""
+    if inputs is None:
+        inputs = [user(f"question of {resp_id}", f"in_{resp_id}")]
+    if outputs is None:
+        outputs = [assistant(f"answer of {resp_id}", f"out_{resp_id}")]
+    response = {
+        "id": resp_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": "completed",
+        "model": "m",
+        "previous_response_id": prev,
+        "output": outputs,
+        "usage": {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3},
+        "metadata": {},
+    }
+    return StoredResponse(
+        id=resp_id,
+        owner=owner,
+        previous_response_id=prev,
+        created_at=created_at,
+        status="completed",
+        response=response,
+        input_items=inputs,
+        expires_at=expires_at,
+    )
+
+
+def texts(items: list[dict[str, Any]] | None) -> list[str]:
+    assert items is not None
+    return [item["content"][0]["text"] for item in items]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "orp.sqlite3")
+
+
+@pytest.fixture
+async def store(db_path: str) -> AsyncIterator[SQLiteStore]:
+    opened = await SQLiteStore.open(db_path)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def _implements_the_protocol(store: SQLiteStore) -> ResponseStore:
+    return store  # checked by mypy: SQLiteStore must satisfy ResponseStore
+
+
+OWNER = "owner-a"
+OTHER = "owner-b"
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+
+async def test_pragmas(store: SQLiteStore, db_path: str) -> None:
+    async def pragma(name: str) -> Any:
+        return next(iter(await store._db.execute_fetchall(f"PRAGMA {name}")))[0]
+
+    assert await pragma("journal_mode") == "wal"
+    assert await pragma("foreign_keys") == 1
+    assert await pragma("synchronous") == 1  # NORMAL
+    assert await pragma("busy_timeout") == 5000
+    # WAL is a property of the file: a fresh connection sees it too.
+    with closing(sqlite3.connect(db_path)) as plain:
+        assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_migrations_are_idempotent(db_path: str) -> None:
+    first = await SQLiteStore.open(db_path)
+    await first.save_response(record("resp_1", OWNER))
+    await first.close()
+    again = await SQLiteStore.open(db_path)
+    try:
+        assert await again.get_response(OWNER, "resp_1") is not None
+        stats = await again.stats()
+        assert stats["schema_version"] == SCHEMA_VERSION >= 1
+    finally:
+        await again.close()
+    plain = sqlite3.connect(db_path)
+    try:
+        assert plain.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        tables = {row[0] for row in plain.execute("SELECT name FROM sqlite_master")}
+        assert {"meta", "responses", "items", "responses_walk", "items_by_id"} <= tables
+    finally:
+        plain.close()
+
+
+async def test_refuses_newer_schema(db_path: str) -> None:
+    plain = sqlite3.connect(db_path)
+    plain.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    plain.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        await SQLiteStore.open(db_path)
+
+
+async def test_open_twice_concurrently(db_path: str) -> None:
+    one, two = await asyncio.gather(SQLiteStore.open(db_path), SQLiteStore.open(db_path))
+    try:
+        assert one.owner_id("sk-x") == two.owner_id("sk-x")
+        await one.save_response(record("resp_1", OWNER))
+        assert await two.get_response(OWNER, "resp_1") is not None
+    finally:
+        await asyncio.gather(one.close(), two.close())
+
+
+# -- save / get / delete ---------------------------------------------------------------------
+
+
+async def test_save_get_roundtrip_is_exact(store: SQLiteStore) -> None:
+    rec = record(
+        "resp_1",
+        OWNER,
+        outputs=[
+            assistant("a/b “quoted” 🎉 \ud800 lone surrogate", "out_1"),
+            {
+                "type": "function_call",
+                "id": "fc_1",
+                "call_id": "c1",
+                "name": "f",
+                "arguments": "{}",
+            },
+        ],
+    )
+    rec.response["big"] = 2**70
+    rec.response["ratio"] = 0.1
+    await store.save_response(rec)
+    got = await store.get_response(OWNER, "resp_1")
+    assert got == rec.response
+    assert got is not None and list(got) == list(rec.response)  # key order kept
+    assert await store.get_response(OWNER, "resp_missing") is None
+
+
+async def test_response_without_output(store: SQLiteStore) -> None:
+    rec = record("resp_1", OWNER, outputs=[])
+    await store.save_response(rec)
+    assert await store.get_response(OWNER, "resp_1") == rec.response
+    assert await store.load_lineage(OWNER, "resp_1") == rec.input_items
+
+
+async def test_save_again_replaces(store: SQLiteStore) -> None:
+    await store.save_response(record("resp_1", OWNER))
+    newer = record("resp_1", OWNER, outputs=[assistant("second", "out_2")])
+    newer.status = "incomplete"
+    await store.save_response(newer)
+    assert await store.get_response(OWNER, "resp_1") == newer.response
+    assert texts(await store.load_lineage(OWNER, "resp_1")) == ["question of resp_1", "second"]
+    assert await store.get_items(OWNER, ["out_resp_1"]) == {}
+    assert (await store.stats())["items"] == 2
+
+
+async def test_delete(store: SQLiteStore) -> None:
+    await store.save_response(record("resp_1", OWNER))
+    await store.save_response(record("resp_2", OWNER, "resp_1"))
+    assert await store.delete_response(OWNER, "resp_1") is True
+    assert await store.delete_response(OWNER, "resp_1") is False
+    assert await store.get_response(OWNER, "resp_1") is None
+    assert await store.get_items(OWNER, ["in_resp_1", "out_resp_1"]) == {}
+    # The child keeps its own rows.
+    assert await store.get_response(OWNER, "resp_2") is not None
+    assert texts(await store.load_lineage(OWNER, "resp_2")) == [
+        "question of resp_2",
+        "answer of resp_2",
+    ]
+
+
+async def test_failed_transaction_rolls_back(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_INSERT_ITEM_SQL", "INSERT INTO nowhere VALUES (?)")
+    with pytest.raises(sqlite3.OperationalError):
+        await store.save_response(record("resp_1", OWNER))
+    monkeypatch.undo()
+    assert await store.get_response(OWNER, "resp_1") is None
+    # The connection is not left inside a transaction.
+    assert not store._db.in_transaction
+    await store.save_response(record("resp_2", OWNER))
+    assert await store.get_response(OWNER, "resp_2") is not None
+
+
+# -- lineage ---------------------------------------------------------------------------------
+
+
+async def test_lineage_order_over_three_turns(store: SQLiteStore) -> None:
+    await store.save_response(
+        record(
+            "resp_1",
+            OWNER,
+            inputs=[user("system-ish", "in_1a"), user("q1", "in_1b")],
+            outputs=[assistant("a1", "out_1a"), assistant("a1 more", "out_1b")],
+        )
+    )
+    await store.save_response(record("resp_2", OWNER, "resp_1"))
+    await store.save_response(record("resp_3", OWNER, "resp_2"))
+    assert texts(await store.load_lineage(OWNER, "resp_3")) == [
+        "system-ish",
+        "q1",
+        "a1",
+        "a1 more",
+        "question of resp_2",
+        "answer of resp_2",
+        "question of resp_3",
+        "answer of resp_3",
+    ]
+    assert texts(await store.load_lineage(OWNER, "resp_1")) == ["system-ish", "q1", "a1", "a1 more"]
+    assert await store.load_lineage(OWNER, "resp_nope") is None
+
+
+async def test_lineage_branches(store: SQLiteStore) -> None:
+    await store.save_response(record("resp_root", OWNER))
+    await store.save_response(record("resp_left", OWNER, "resp_root"))
+    await store.save_response(record("resp_right", OWNER, "resp_root"))
+    await store.save_response(record("resp_left2", OWNER, "resp_left"))
+    root = ["question of resp_root", "answer of resp_root"]
+    assert texts(await store.load_lineage(OWNER, "resp_right")) == [
+        *root,
+        "question of resp_right",
+        "answer of resp_right",
+    ]
+    assert texts(await store.load_lineage(OWNER, "resp_left2")) == [
+        *root,
+        "question of resp_left",
+        "answer of resp_left",
+        "question of resp_left2",
+        "answer of resp_left2",
+    ]
+
+
+async def test_lineage_starts_after_a_gap(store: SQLiteStore) -> None:
+    for n in range(1, 5):
+        await store.save_response(record(f"resp_{n}", OWNER, f"resp_{n - 1}" if n > 1 else None))
+    assert await store.delete_response(OWNER, "resp_2")
+    assert texts(await store.load_lineage(OWNER, "resp_4")) == [
+        "question of resp_3",
+        "answer of resp_3",
+        "question of resp_4",
+        "answer of resp_4",
+    ]
+    assert await store.load_lineage(OWNER, "resp_2") is None
+    assert len(await store.load_lineage(OWNER, "resp_1") or []) == 2
+
+
+async def test_lineage_survives_a_cycle(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The gateway never makes one, but a loop must not recurse forever.
+    monkeypatch.setattr(store_module, "_MAX_LINEAGE_DEPTH", 5)
+    await store.save_response(record("resp_a", OWNER, "resp_b"))
+    await store.save_response(record("resp_b", OWNER, "resp_a"))
+    assert len(await store.load_lineage(OWNER, "resp_a") or []) == 12
+
+
+# -- owners ----------------------------------------------------------------------------------
+
+
+async def test_owner_isolation_everywhere(store: SQLiteStore) -> None:
+    await store.save_response(record("resp_1", OWNER))
+    # Another owner's child of resp_1 (the handlers would refuse it; the store must not leak).
+    await store.save_response(record("resp_2", OTHER, "resp_1"))
+
+    assert await store.get_response(OTHER, "resp_1") is None
+    assert await store.load_lineage(OTHER, "resp_1") is None
+    assert texts(await store.load_lineage(OTHER, "resp_2")) == [
+        "question of resp_2",
+        "answer of resp_2",
+    ]
+    assert await store.list_input_items(OTHER, "resp_1") is None
+    assert await store.get_items(OTHER, ["in_resp_1", "out_resp_1"]) == {}
+    assert await store.delete_response(OTHER, "resp_1") is False
+    assert await store.get_response(OWNER, "resp_1") is not None
+    assert await store.get_items(OWNER, ["in_resp_2"]) == {}
+
+
+async def test_owner_id(db_path: str) -> None:
+    first = await SQLiteStore.open(db_path)
+    alice = first.owner_id("sk-alice-secret")
+    anonymous = first.owner_id(None)
+    await first.close()
+
+    assert alice != "sk-alice-secret" and "alice" not in alice
+    assert len(alice) == 64 and int(alice, 16) >= 0
+    assert anonymous == SQLiteStore.owner_id(await _reopen(db_path), "")
+
+    again = await SQLiteStore.open(db_path)
+    try:
+        assert again.owner_id("sk-alice-secret") == alice
+        assert again.owner_id("sk-bob") != alice
+        assert again.owner_id(None) == anonymous
+    finally:
+        await again.close()
+
+    keyed = await SQLiteStore.open(db_path, owner_secret=b"operator key")
+    try:
+        assert keyed.owner_id("sk-alice-secret") != alice
+        assert keyed.owner_id("sk-alice-secret") == keyed.owner_id("sk-alice-secret")
+    finally:
+        await keyed.close()
+    assert b"sk-alice-secret" not in await asyncio.to_thread(Path(db_path).read_bytes)
+
+
+async def _reopen(db_path: str) -> SQLiteStore:
+    # owner_id needs no open connection: it only uses the key loaded at open.
+    opened = await SQLiteStore.open(db_path)
+    await opened.close()
+    return opened
+
+
+# -- input items, item references ------------------------------------------------------------
+
+
+async def test_list_input_items_pagination(store: SQLiteStore) -> None:
+    inputs = [user(f"m{n}", f"i{n}") for n in range(7)]
+    await store.save_response(record("resp_1", OWNER, inputs=inputs))
+
+    async def page(**kwargs: Any) -> tuple[list[str], bool]:
+        got = await store.list_input_items(OWNER, "resp_1", **kwargs)
+        assert got is not None
+        return [item["id"] for item in got.data], got.has_more
+
+    assert await page() == (["i6", "i5", "i4", "i3", "i2", "i1", "i0"], False)
+    assert await page(order="asc") == (["i0", "i1", "i2", "i3", "i4", "i5", "i6"], False)
+    assert await page(limit=3) == (["i6", "i5", "i4"], True)
+    assert await page(limit=3, after="i4") == (["i3", "i2", "i1"], True)
+    assert await page(limit=3, after="i1") == (["i0"], False)
+    assert await page(order="asc", limit=3, after="i2") == (["i3", "i4", "i5"], True)
+    assert await page(order="asc", limit=3, after="i3") == (["i4", "i5", "i6"], False)
+    # `before`: the items just before the cursor in reading order, still in that order.
+    assert await page(order="asc", limit=2, before="i4") == (["i2", "i3"], True)
+    assert await page(order="asc", limit=5, before="i4") == (["i0", "i1", "i2", "i3"], False)
+    assert await page(limit=2, before="i2") == (["i4", "i3"], True)
+    assert await page(limit=2, before="i4") == (["i6", "i5"], False)
+    assert await page(order="asc", after="i1", before="i5") == (["i2", "i3", "i4"], False)
+    assert await page(order="asc", limit=2, after="i1", before="i5") == (["i2", "i3"], True)
+    assert await page(limit=1, after="i6", before="i4") == (["i5"], False)
+    assert await page(after="unknown") == ([], False)
+    assert await page(order="asc", limit=100) == ([f"i{n}" for n in range(7)], False)
+
+    # Output items are not input items.
+    assert "out_resp_1" not in (await page())[0]
+    assert await store.list_input_items(OWNER, "resp_missing") is None
+    for bad in ({"limit": 0}, {"limit": 101}, {"order": "sideways"}):
+        with pytest.raises(ValueError):
+            await store.list_input_items(OWNER, "resp_1", **bad)
+
+
+async def test_get_items(store: SQLiteStore) -> None:
+    await store.save_response(record("resp_1", OWNER))
+    # A client that resends earlier output as input stores the id twice: the latest wins.
+    resent = assistant("answer of resp_1 (resent)", "out_resp_1")
+    await store.save_response(record("resp_2", OWNER, inputs=[resent, user("q2", "in_2")]))
+    got = await store.get_items(OWNER, ["in_resp_1", "out_resp_1", "in_2", "nope", "in_2"])
+    assert set(got) == {"in_resp_1", "out_resp_1", "in_2"}
+    assert got["out_resp_1"] == resent
+    assert got["in_resp_1"]["content"][0]["text"] == "question of resp_1"
+    assert await store.get_items(OWNER, []) == {}
+    many = [f"missing_{n}" for n in range(1200)] + ["in_2"]
+    assert set(await store.get_items(OWNER, many)) == {"in_2"}
+
+
+# -- retention, health, maintenance ----------------------------------------------------------
+
+
+async def test_purge_expired_in_batches(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_PURGE_BATCH", 7)
+    now = 1_800_000_000.0
+    for n in range(23):
+        await store.save_response(record(f"resp_old{n}", OWNER, expires_at=now - n))
+    await store.save_response(record("resp_future", OWNER, expires_at=now + 1))
+    await store.save_response(record("resp_forever", OWNER))
+
+    transactions = 0
+    original = store._write
+
+    async def counting(body: Any) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return await original(body)
+
+    monkeypatch.setattr(store, "_write", counting)
+    assert await store.purge_expired(now) == 23
+    assert transactions == 4  # 7 + 7 + 7 + 2
+    assert await store.purge_expired(now) == 0
+    stats = await store.stats()
+    assert stats["responses"] == 2 and stats["items"] == 4
+    assert await store.get_response(OWNER, "resp_future") is not None
+    assert await store.purge_expired(now + 1) == 1
+
+
+async def test_purge_uses_the_clock(store: SQLiteStore) -> None:
+    await store.save_response(record("resp_1", OWNER, expires_at=time.time() - 1))
+    assert await store.purge_expired() == 1
+
+
+async def test_save_is_shielded_from_cancellation(db_path: str) -> None:
+    store = await SQLiteStore.open(db_path)
+    inputs = [user("x" * 2000, f"in_{n}") for n in range(3000)]
+    task = asyncio.create_task(store.save_response(record("resp_big", OWNER, inputs=inputs)))
+    # Wait until the transaction holds the connection, then hang up like a client would.
+    for _ in range(10_000):
+        if store._lock.locked():
+            break
+        await asyncio.sleep(0)
+    task.cancel()
+    with closing(sqlite3.connect(db_path)) as plain:  # not committed yet: the cancel lands mid-save
+        assert plain.execute("SELECT count(*) FROM responses").fetchone()[0] == 0
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.close()  # waits for the shielded write
+
+    reopened = await SQLiteStore.open(db_path)
+    try:
+        lineage = await reopened.load_lineage(OWNER, "resp_big")
+        assert lineage is not None and len(lineage) == 3001
+    finally:
+        await reopened.close()
+
+
+async def test_check_writable(store: SQLiteStore, db_path: str) -> None:
+    assert await store.check_writable() is True
+    blocker = sqlite3.connect(db_path, isolation_level=None, timeout=0)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        assert await store.check_writable(timeout=0.2) is False
+        blocker.execute("COMMIT")
+    finally:
+        blocker.close()
+    # The heartbeat that timed out was still waiting for the lock and now finishes.
+    assert await store.check_writable(timeout=5) is True
+    await store.close()
+    assert await store.check_writable() is False
+
+
+async def test_stats_and_vacuum(store: SQLiteStore, db_path: str) -> None:
+    empty = await store.stats()
+    assert empty["responses"] == 0 and empty["oldest_created_at"] is None
+    for n in range(30):
+        await store.save_response(
+            record(f"resp_{n}", OWNER, inputs=[user("y" * 5000, f"in_{n}")], created_at=100 + n)
+        )
+    full = await store.stats()
+    assert full["responses"] == 30 and full["items"] == 60
+    assert (full["oldest_created_at"], full["newest_created_at"]) == (100, 129)
+    assert full["journal_mode"] == "wal" and full["schema_version"] == SCHEMA_VERSION
+    assert full["db_bytes"] > 150_000
+    assert await store.purge_expired() == 0
+    for n in range(30):
+        await store.delete_response(OWNER, f"resp_{n}")
+    await store.vacuum()
+    after = await store.stats()
+    assert after["db_bytes"] < full["db_bytes"] and after["free_bytes"] == 0
+    assert after["wal_bytes"] == 0
+    assert after["file_bytes"] == await asyncio.to_thread(os.path.getsize, db_path)
+
+
+# -- several processes -----------------------------------------------------------------------
+
+_WORKER = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    from orp_proxy.store import SQLiteStore, StoredResponse
+
+    async def bump(store):
+        rows = await store._fetch("SELECT value FROM meta WHERE key = 'counter'")
+        value = int(rows[0][0]) + 1 if rows else 1
+        await store._fetch(
+            "INSERT INTO meta (key, value) VALUES ('counter', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(value),),
+        )
+
+    async def main(path, name, go):
+        store = await SQLiteStore.open(path)
+        print("ready", flush=True)
+        while not os.path.exists(go):
+            await asyncio.sleep(0.002)
+        owner = store.owner_id(name)
+        errors = []
+        limit = asyncio.Semaphore(16)
+
+        async def cycle(n):
+            async with limit:
+                try:
+                    if n:
+                        await store.load_lineage(owner, f"resp_{name}_{n - 1}")
+                    await store.get_items(owner, [f"in_{name}_{n - 1}"])
+                    await store.save_response(StoredResponse(
+                        id=f"resp_{name}_{n}", owner=owner,
+                        previous_response_id=f"resp_{name}_{n - 1}" if n else None,
+                        created_at=n, status="completed",
+                        response={"id": f"resp_{name}_{n}", "output": [
+                            {"type": "message", "id": f"out_{name}_{n}", "role": "assistant",
+                             "content": [{"type": "output_text", "text": "ok"}]}]},
+                        input_items=[{"type": "message", "id": f"in_{name}_{n}", "role": "user",
+                                      "content": [{"type": "input_text", "text": "hi"}]}],
+                    ))
+                    # Read-modify-write inside one transaction: the case where a deferred
+                    # BEGIN fails at once with "database is locked".
+                    await store._write(lambda: bump(store))
+                    if n % 50 == 49:
+                        await store.purge_expired()
+                except Exception as error:
+                    errors.append(repr(error))
+
+        await asyncio.gather(*(cycle(n) for n in range(200)))
+        await store.close()
+        print(json.dumps({"errors": errors}), flush=True)
+
+    asyncio.run(main(*sys.argv[1:4]))
+    """
+)
+
+
+def test_several_processes_never_see_locked(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.sqlite3")  # fresh: the workers also race to create it
+    go = tmp_path / "go"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, path, f"w{n}", str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(REPO),
+        )
+        for n in range(3)
+    ]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None
+            assert worker.stdout.readline().strip() == "ready", worker.stderr
+        go.touch()
+        results = []
+        for worker in workers:
+            out, err = worker.communicate(timeout=60)
+            assert worker.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+    errors = [error for result in results for error in result["errors"]]
+    assert errors == []
+    plain = sqlite3.connect(path)
+    try:
+        assert plain.execute("SELECT count(*) FROM responses").fetchone()[0] == 600
+        assert plain.execute("SELECT count(*) FROM items").fetchone()[0] == 1200
+        # No lost update among the 600 read-modify-write transactions.
+        assert plain.execute("SELECT value FROM meta WHERE key = 'counter'").fetchone()[0] == "600"
+    finally:
+        plain.close()
