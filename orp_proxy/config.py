@@ -99,6 +99,10 @@ SETTINGS: tuple[Setting, ...] = (
             "credential 'upstream_api_key'.", secret=True, metavar="KEY"),
     Setting("upstream_api_key_file", "ORP_UPSTREAM_API_KEY_FILE", _optional_str,
             "File holding the upstream key (first line).", metavar="PATH"),
+    Setting("owner_secret", "ORP_OWNER_SECRET", _optional_str,
+            "Key of the keyed hash that names a stored response's owner. Unset: a random key "
+            "kept in the database file. Also read from the systemd credential 'owner_secret'.",
+            secret=True, metavar="SECRET"),
     Setting("host", "ORP_HOST", str, "Address `orp-proxy serve` listens on.", metavar="HOST"),
     Setting("port", "ORP_PORT", int, "Port `orp-proxy serve` listens on.", metavar="PORT"),
     Setting("db_path", "ORP_DB_PATH", str, "SQLite file of the response store.", metavar="PATH"),
@@ -146,6 +150,7 @@ class Settings:
     upstream_url: str | None = None
     upstream_api_key: str | None = None
     upstream_api_key_file: str | None = None
+    owner_secret: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     db_path: str = "./orp.sqlite3"
@@ -168,19 +173,11 @@ class Settings:
 
     def resolved_upstream_key(self) -> str | None:
         """The upstream key from the setting, its file, or a systemd credential, in that order."""
-        if self.upstream_api_key:
-            return self.upstream_api_key
-        path = self.upstream_api_key_file
-        if path is None and os.environ.get("CREDENTIALS_DIRECTORY"):
-            candidate = os.path.join(os.environ["CREDENTIALS_DIRECTORY"], "upstream_api_key")
-            path = candidate if os.path.exists(candidate) else None
-        if path is None:
-            return None
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return handle.readline().strip() or None
-        except OSError as exc:
-            raise ConfigError(f"cannot read upstream key file {path}: {exc.strerror}") from None
+        return _secret(self.upstream_api_key, self.upstream_api_key_file, "upstream_api_key")
+
+    def resolved_owner_secret(self) -> bytes | None:
+        secret = _secret(self.owner_secret, None, "owner_secret")
+        return secret.encode() if secret else None
 
     def redacted(self) -> dict[str, Any]:
         """Settings safe to log: secrets replaced by a marker."""
@@ -191,6 +188,22 @@ class Settings:
                 value = "<redacted>"
             out[setting.field] = dict(value) if isinstance(value, Mapping) else value
         return out
+
+
+def _secret(value: str | None, path: str | None, credential: str) -> str | None:
+    """A secret given directly, in a file, or as a systemd credential (`LoadCredential=`)."""
+    if value:
+        return value
+    if path is None and os.environ.get("CREDENTIALS_DIRECTORY"):
+        candidate = os.path.join(os.environ["CREDENTIALS_DIRECTORY"], credential)
+        path = candidate if os.path.exists(candidate) else None
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readline().strip() or None
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
 
 
 def load_settings(

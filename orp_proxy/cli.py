@@ -1,0 +1,132 @@
+"""`orp-proxy`: run the gateway, inspect and maintain its store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import textwrap
+from typing import Any
+
+from . import __version__
+from .config import SETTINGS, ConfigError, Settings, load_settings
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _settings_help() -> str:
+    lines = ["settings (flag, environment variable, default):"]
+    defaults = Settings()
+    for setting in SETTINGS:
+        default = getattr(defaults, setting.field)
+        shown = "unset" if default in (None, {}) else default
+        lines.append(f"  {_flag(setting.field)} / {setting.env}  (default: {shown})")
+        lines.extend(textwrap.wrap(setting.help, 76, initial_indent="      ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each overrides its environment variable)")
+    for setting in SETTINGS:
+        group.add_argument(_flag(setting.field), dest=setting.field, metavar=setting.metavar,
+                           help=f"{setting.help} [{setting.env}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orp-proxy",
+        description="ORP: an Open Responses gateway in front of Chat Completions backends.",
+        epilog=_settings_help() + textwrap.dedent("""
+
+            Production: run under gunicorn with aiohttp workers, e.g.
+              gunicorn 'orp_proxy.app:create_app' -k aiohttp.GunicornUVLoopWebWorker
+            """),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"orp-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run a single-process server (uvloop)",
+                                description="Run ORP as one process on ORP_HOST:ORP_PORT.")
+    _add_setting_flags(serve)
+    show = commands.add_parser("settings", help="print the effective settings (secrets hidden)")
+    _add_setting_flags(show)
+    store = commands.add_parser("store", help="inspect and maintain the response store")
+    store.add_argument("action", choices=["stats", "purge", "vacuum"],
+                       help="stats: counts and sizes; purge: delete expired responses now; "
+                            "vacuum: checkpoint the WAL and compact the file")
+    _add_setting_flags(store)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {s.field: getattr(args, s.field) for s in SETTINGS
+                 if getattr(args, s.field, None) is not None}
+    return load_settings(overrides=overrides)
+
+
+def _serve(settings: Settings) -> None:
+    from aiohttp import web
+
+    from .app import build_app
+
+    loop: asyncio.AbstractEventLoop
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    logging.getLogger("orp").info("settings: %s", settings.redacted())
+    # run_app runs the loop until SIGINT/SIGTERM, shuts the app down, then closes the loop.
+    web.run_app(build_app(settings), host=settings.host, port=settings.port,
+                handler_cancellation=True, loop=loop, access_log=None,
+                print=lambda text: print(text, flush=True))
+
+
+async def _store_action(settings: Settings, action: str) -> dict[str, Any]:
+    from .store import SQLiteStore
+
+    store = await SQLiteStore.open(settings.db_path,
+                                     owner_secret=settings.resolved_owner_secret())
+    try:
+        if action == "purge":
+            return {"purged": await store.purge_expired()}
+        if action == "vacuum":
+            await store.vacuum()
+        return await store.stats()
+    finally:
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"orp-proxy: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        _serve(settings)
+    elif args.command == "settings":
+        for key, value in settings.redacted().items():
+            print(f"{key} = {value}")
+    else:
+        import json
+
+        print(json.dumps(asyncio.run(_store_action(settings, args.action)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

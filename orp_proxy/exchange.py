@@ -1,0 +1,184 @@
+"""One proxied response: upstream chunks → transcoder → client, with the store on the side.
+
+The same pump serves streaming (events written as they come) and JSON (events dropped, the
+final response returned). A stored response is committed before its terminal event or JSON body
+leaves, so an immediate follow-up with `previous_response_id` finds it, on any worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from .errors import MODEL_ERROR, SERVER_ERROR, ApiError
+from .sse import DONE_BLOCK, encode_events
+from .store import ResponseStore, StoredResponse
+from .transcoder import Event, ToolNotAllowed, Transcoder
+from .upstream import UpstreamStream, UpstreamStreamError
+
+log = logging.getLogger("orp.exchange")
+
+# HTTP status for a JSON-mode response that failed, by error code.
+_FAILURE_STATUS = {"upstream_timeout": 504, "tool_not_allowed": 502}
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx and similar proxies must not buffer the stream
+}
+
+
+@dataclass
+class Persistence:
+    """Where and as whom a `store: true` response is saved."""
+
+    store: ResponseStore
+    owner: str
+    input_items: list[dict[str, Any]]
+    ttl_seconds: float | None = None
+
+
+@dataclass
+class Exchange:
+    """Runs one response. `persist` is None for `store: false`."""
+
+    transcoder: Transcoder
+    upstream: UpstreamStream
+    persist: Persistence | None = None
+    new_items: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    async def pump(self, deliver: Callable[[list[Event]], Awaitable[None]]) -> None:
+        """Feed every upstream chunk, delivering events per read; the terminal events are left
+        for `settle`."""
+        tc = self.transcoder
+        stream = self.upstream
+        try:
+            async for batch in stream.batches():
+                for chunk in batch:
+                    tc.feed(chunk)
+                events = tc.take()
+                if events:
+                    if self.first_token_at is None:
+                        self.first_token_at = time.monotonic()
+                    await deliver(events)
+            stream.release()
+            if stream.saw_done or tc.saw_finish_reason:
+                tc.finish()
+            else:
+                tc.fail("upstream_incomplete",
+                        "The upstream stream ended before the response was finished")
+        except UpstreamStreamError as exc:
+            tc.fail(exc.code, exc.message)
+        except ToolNotAllowed as exc:
+            tc.fail("tool_not_allowed",
+                    f"The model called the tool '{exc.args[0]}', which this request does not "
+                    "allow (tools / tool_choice / allowed_tools).", type=MODEL_ERROR)
+        except ValueError as exc:
+            tc.fail("upstream_bad_response", f"The upstream sent an unusable chunk: {exc}")
+
+    async def settle(self) -> list[Event]:
+        """Persist the final response (shielded), then hand back the remaining events."""
+        events = self.transcoder.take()
+        if self.persist is None:
+            return events
+        try:
+            await asyncio.shield(self._save())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("storing response %s failed", self.transcoder.response["id"])
+            if events and events[-1]["type"] != "response.failed":
+                # The client must not be told "completed" for a response it cannot continue.
+                events.pop()
+                self.transcoder.retract_terminal()
+                self.transcoder.fail("store_failed",
+                                     "The response could not be stored; it was not saved.")
+                events.extend(self.transcoder.take())
+        return events
+
+    async def _save(self) -> None:
+        assert self.persist is not None
+        response = self.transcoder.response
+        persist = self.persist
+        expires = time.time() + persist.ttl_seconds if persist.ttl_seconds else None
+        await persist.store.save_response(
+            StoredResponse(
+                id=response["id"],
+                owner=persist.owner,
+                previous_response_id=response["previous_response_id"],
+                created_at=response["created_at"],
+                status=response["status"],
+                response=response,
+                input_items=persist.input_items,
+                expires_at=expires,
+            )
+        )
+
+    async def interrupted(self) -> None:
+        """The client went away: close upstream now, keep what arrived as `incomplete`."""
+        self.upstream.close()
+        self.transcoder.interrupt()
+        if self.persist is not None:
+            try:
+                await asyncio.shield(self._save())
+            except Exception:
+                log.exception("storing interrupted response %s failed",
+                              self.transcoder.response["id"])
+
+    async def stream(self, request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+        """Write the events as server-sent events."""
+        resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+        tc = self.transcoder
+        tc.start()
+        try:
+            await resp.prepare(request)
+            await resp.write(encode_events(tc.take()))
+
+            async def deliver(events: list[Event]) -> None:
+                await resp.write(encode_events(events))
+
+            await self.pump(deliver)
+            final = await self.settle()
+            await resp.write(encode_events(final) + DONE_BLOCK)
+            await resp.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            await self.interrupted()
+        except asyncio.CancelledError:
+            await self.interrupted()
+            raise
+        finally:
+            self.upstream.close()
+        return resp
+
+    async def collect(self) -> dict[str, Any]:
+        """Run to the end and return the final response object (JSON mode)."""
+        tc = self.transcoder
+        tc.start()
+        tc.take()
+
+        async def drop(events: list[Event]) -> None:
+            return None
+
+        try:
+            await self.pump(drop)
+            await self.settle()
+        except asyncio.CancelledError:
+            await self.interrupted()
+            raise
+        finally:
+            self.upstream.close()
+        response = tc.response
+        if response["status"] == "failed":
+            error = response["error"]
+            raise ApiError(_FAILURE_STATUS.get(error["code"], 502), error["message"],
+                           type=MODEL_ERROR if error["code"] == "tool_not_allowed"
+                           else SERVER_ERROR, code=error["code"])
+        return response

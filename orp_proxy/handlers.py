@@ -1,0 +1,188 @@
+"""HTTP handlers: `/v1/responses` and the stored-response endpoints, plus the error middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import ujson
+from aiohttp import web
+
+from .errors import INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, ApiError, invalid
+from .pipeline import load_history, start_exchange
+from .sse import dumps
+from .state import GATEWAY
+from .validation import validate_create_body
+
+log = logging.getLogger("orp.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(body=dumps(body).encode(), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(error.body(), status=error.status, headers=error.headers or None)
+
+
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as the spec's error object; never a traceback."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = NOT_FOUND if exc.status == 404 else INVALID_REQUEST
+        if exc.status >= 500:
+            kind = SERVER_ERROR
+        message = f"{exc.reason}: {request.method} {request.path}" if exc.status in (404, 405) \
+            else exc.reason
+        return error_response(ApiError(exc.status, message, type=kind,
+                                       code=_HTTP_ERROR_CODES.get(exc.status),
+                                       headers={k: v for k, v in exc.headers.items()
+                                                if k == "Allow"}))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "The gateway failed unexpectedly.",
+                                       type=SERVER_ERROR, code="internal_error"))
+
+
+# -- request helpers ----------------------------------------------------------------------
+
+
+async def read_json_body(request: web.Request, limit: int) -> Any:
+    """The body parsed as JSON, with 415 / 413 / 400 for the wrong kind of body."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "Request bodies must be JSON with 'Content-Type: application/json' "
+                       f"(got '{request.content_type}').", code="unsupported_media_type")
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
+                       code="request_too_large")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
+                       code="request_too_large") from None
+    try:
+        return ujson.loads(raw)
+    except (ValueError, OverflowError, RecursionError):
+        raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+
+
+def credential(request: web.Request) -> str | None:
+    """The caller's bearer token, if any (only ever used hashed, as the store owner)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+# -- POST /v1/responses -------------------------------------------------------------------
+
+
+async def create_response(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    body = await read_json_body(request, gateway.settings.max_body_bytes)
+    validate_create_body(body, limits=gateway.limits)
+    owner = gateway.store.owner_id(credential(request))
+    rid = request_id(request)
+    history = await load_history(gateway, owner, body.get("previous_response_id"))
+    exchange = await start_exchange(gateway, body, owner=owner, history=history, request_id=rid)
+    headers = {"X-Request-Id": rid}
+    if body.get("stream"):
+        return await exchange.stream(request, headers)
+    return json_response(await exchange.collect(), headers=headers)
+
+
+# -- stored responses ---------------------------------------------------------------------
+
+
+def _not_found(response_id: str) -> ApiError:
+    return ApiError(404, f"No response found with id '{response_id}'.", type=NOT_FOUND,
+                    param="response_id", code="not_found")
+
+
+async def get_response(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    response_id = request.match_info["response_id"]
+    found = await gateway.store.get_response(gateway.store.owner_id(credential(request)),
+                                             response_id)
+    if found is None:
+        raise _not_found(response_id)
+    return json_response(found)
+
+
+async def delete_response(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    response_id = request.match_info["response_id"]
+    deleted = await gateway.store.delete_response(
+        gateway.store.owner_id(credential(request)), response_id)
+    if not deleted:
+        raise _not_found(response_id)
+    return json_response({"id": response_id, "object": "response", "deleted": True})
+
+
+def _query_limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "20")
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise invalid(f"Invalid 'limit': expected an integer, got '{raw[:32]}'.", "limit",
+                      "invalid_type") from None
+    if not 1 <= limit <= 100:
+        raise invalid(f"Invalid 'limit': {limit}; it must be between 1 and 100.", "limit",
+                      "invalid_value")
+    return limit
+
+
+async def list_input_items(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    response_id = request.match_info["response_id"]
+    limit = _query_limit(request)
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise invalid(f"Invalid 'order': '{order[:32]}'. Supported values are: 'asc', 'desc'.",
+                      "order", "invalid_value")
+    page = await gateway.store.list_input_items(
+        gateway.store.owner_id(credential(request)), response_id, limit=limit, order=order,
+        after=request.query.get("after") or None, before=request.query.get("before") or None)
+    if page is None:
+        raise _not_found(response_id)
+    data = page.data
+    return json_response({
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": page.has_more,
+    })
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/responses", create_response)
+    app.router.add_get("/v1/responses/{response_id}", get_response)
+    app.router.add_delete("/v1/responses/{response_id}", delete_response)
+    app.router.add_get("/v1/responses/{response_id}/input_items", list_input_items)

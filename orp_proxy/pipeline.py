@@ -1,0 +1,91 @@
+"""From a validated request body to a running `Exchange`: context, translation, upstream call.
+
+Shared by every transport (HTTP JSON, HTTP SSE, WebSocket turns), so each of them differs only
+in how it reads requests and delivers events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ApiError, invalid
+from .exchange import Exchange, Persistence
+from .resource import build_response
+from .state import Gateway
+from .transcoder import Transcoder
+from .translate import (
+    allowed_tool_names,
+    build_chat_request,
+    item_type,
+    normalize_input,
+    to_chat_messages,
+)
+
+
+def previous_not_found(previous_id: str) -> ApiError:
+    return ApiError(400, f"Previous response with id '{previous_id}' not found.",
+                    param="previous_response_id", code="previous_response_not_found")
+
+
+async def load_history(gateway: Gateway, owner: str, previous_id: str | None
+                       ) -> list[dict[str, Any]]:
+    """The stored lineage to continue from (empty without `previous_response_id`)."""
+    if not previous_id:
+        return []
+    lineage = await gateway.store.load_lineage(owner, previous_id)
+    if lineage is None:
+        raise previous_not_found(previous_id)
+    return lineage
+
+
+async def resolve_references(gateway: Gateway, owner: str, items: list[dict[str, Any]]
+                             ) -> list[dict[str, Any]]:
+    """`item_reference` items replaced by the stored items (of the same owner) they name."""
+    refs = [i for i, item in enumerate(items) if item_type(item) == "item_reference"]
+    if not refs:
+        return items
+    found = await gateway.store.get_items(owner, [items[i]["id"] for i in refs])
+    resolved = list(items)
+    for i in refs:
+        item = found.get(items[i]["id"])
+        if item is None:
+            raise ApiError(400, f"Item with id '{items[i]['id']}' not found.",
+                           param=f"input[{i}].id", code="item_not_found")
+        resolved[i] = item
+    return resolved
+
+
+def _reject_unsupported(body: dict[str, Any], items: list[dict[str, Any]]) -> None:
+    if body.get("background"):
+        raise invalid("Background responses are not supported by this gateway.", "background",
+                      "unsupported_parameter")
+    for i, item in enumerate(items):
+        if item.get("type") == "compaction":
+            raise invalid("Compaction items are not supported by this gateway yet.",
+                          f"input[{i}].type", "unsupported_value")
+
+
+async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
+                         history: list[dict[str, Any]], request_id: str) -> Exchange:
+    """Translate, open the upstream stream (HTTP errors surface here), return the exchange."""
+    settings = gateway.settings
+    model = body.get("model") or settings.default_model
+    if not model:
+        raise ApiError(400, "Missing required parameter: 'model'.", param="model",
+                       code="missing_required_parameter")
+    new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
+    _reject_unsupported(body, new_items)
+    messages = to_chat_messages([*history, *new_items], instructions=body.get("instructions"),
+                                developer_role=settings.developer_role)
+    chat = build_chat_request(body, messages, model=settings.upstream_model(model),
+                              settings=settings)
+    transcoder = Transcoder(
+        build_response(body, model=model),
+        allowed_tools=allowed_tool_names(body),
+        reasoning_events=settings.reasoning_events,
+        include_logprobs="message.output_text.logprobs" in (body.get("include") or ()),
+    )
+    upstream = await gateway.upstream.open(chat, request_id=request_id)
+    persist = (Persistence(gateway.store, owner, new_items, settings.store_ttl_seconds or None)
+               if body.get("store") is not False else None)
+    return Exchange(transcoder, upstream, persist, new_items=new_items)

@@ -1,0 +1,25 @@
+"""What every handler of one worker shares, stored on the application under one `AppKey`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .config import Settings
+from .store import ResponseStore
+from .upstream import UpstreamClient
+from .validation import DEFAULT_LIMITS, RequestLimits
+
+
+@dataclass
+class Gateway:
+    """The per-worker resources: settings, the upstream client and the response store."""
+
+    settings: Settings
+    upstream: UpstreamClient
+    store: ResponseStore
+    limits: RequestLimits = field(default=DEFAULT_LIMITS)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
