@@ -275,8 +275,13 @@ class Transcoder:
         return opened
 
     def _message_text(self, kind: str, text: str, logprobs: Any) -> None:
-        item = self._content_item("message")
-        part = self._part(item, kind)
+        # Per-token path: skip the helper calls while the same part stays open.
+        item = self._content
+        if item is None or item.item["type"] != "message":
+            item = self._content_item("message")
+        part = item.part
+        if part is None or part.kind != kind:
+            part = self._part(item, kind)
         part.pieces.append(text)
         self._last = item
         if kind == "refusal":

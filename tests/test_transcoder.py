@@ -356,3 +356,38 @@ def test_resplitting_upstream_bytes_gives_identical_events(cuts: list[int], crlf
 def test_one_byte_reads_give_identical_events() -> None:
     assert transcode_bytes([UPSTREAM[i:i + 1] for i in range(len(UPSTREAM))]) == \
         transcode_bytes([UPSTREAM])
+
+
+# -- the templated encoder must equal the generic one ------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(), st.integers(min_value=0, max_value=10**6), st.integers(0, 50),
+       st.integers(0, 5))
+def test_templated_text_delta_equals_generic_encoding(delta: str, seq: int, out: int,
+                                                      content: int) -> None:
+    import json
+
+    from orp_proxy.sse import encode_event, encode_events
+
+    event = {"type": "response.output_text.delta", "item_id": "msg_0a1b", "output_index": out,
+             "content_index": content, "delta": delta, "logprobs": [], "sequence_number": seq}
+    fast, generic = encode_events([event]), encode_event(event)
+    head, _, data = fast.partition(b"\ndata: ")
+    assert head == b"event: response.output_text.delta" and data.endswith(b"\n\n")
+    assert data.count(b"\n") == 2  # one line of JSON, then the blank line
+    assert json.loads(data) == json.loads(generic.partition(b"\ndata: ")[2]) == event
+
+
+def test_lone_surrogate_in_a_batch_still_encodes_as_valid_utf8_json() -> None:
+    import json
+
+    from orp_proxy.sse import encode_events
+
+    events = [{"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+               "content_index": 0, "delta": "ok", "logprobs": [], "sequence_number": 1},
+              {"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
+               "content_index": 0, "delta": "bad \ud800", "logprobs": [], "sequence_number": 2}]
+    data = encode_events(events)
+    blocks = data.decode("utf-8").split("\n\n")[:-1]
+    assert [json.loads(b.split("data: ")[1])["delta"] for b in blocks] == ["ok", "bad \ud800"]

@@ -1,0 +1,448 @@
+"""ORP benchmark harness: mock upstream, proxy and load generators as separate processes.
+
+Figures that stay stable on a shared, noisy machine: CPU time of the proxy process per streamed
+token and per request (from /proc/PID/stat), the same for the mock upstream as the floor, and
+ratios measured within one run (through ORP vs direct to the upstream). Wall-clock figures
+(requests/s, time to first event) are reported too, for the same workload.
+
+    scripts/bench                       # the full suite, results in bench-results.json
+    scripts/bench --quick               # a smaller run
+    scripts/bench --only cpu            # one section: cpu, sweep, memory, store, replay, json
+    scripts/bench --target URL --target-pid PID   # the same load against another gateway
+
+Everything listens on 127.0.0.1; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+TOKENS = 256
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (not its children), from the kernel's own accounting."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited early with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+@contextlib.contextmanager
+def process(args: list[str], port: int, env: dict[str, str] | None = None
+            ) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def mock_upstream(interval_ms: float) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    args = [sys.executable, str(ROOT / "scripts" / "mock_upstream.py"), "--port", str(port),
+            "--interval-ms", str(interval_ms), "--bench-tokens", str(TOKENS)]
+    with process(args, port) as proc:
+        yield f"http://127.0.0.1:{port}/v1", proc.pid
+
+
+@contextlib.contextmanager
+def orp(upstream: str, db: str) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    args = [sys.executable, "-m", "orp_proxy.cli", "serve", "--port", str(port),
+            "--upstream-url", upstream, "--db-path", db, "--log-level", "warning"]
+    env = {"PYTHONPATH": str(ROOT), "ORP_AUTH_MODE": "none"}
+    with process(args, port, env) as proc:
+        yield f"http://127.0.0.1:{port}/v1", proc.pid
+
+
+# -- load generation (runs in separate processes) -----------------------------------------
+
+
+@dataclass
+class LoadSpec:
+    url: str  # .../v1
+    kind: str  # "responses" | "chat" | "responses-json"
+    concurrency: int
+    requests: int  # total for this process
+    body: dict[str, Any]
+    timeout: float = 120.0
+
+
+@dataclass
+class LoadResult:
+    ok: int = 0
+    errors: int = 0
+    tokens: int = 0
+    ttfe: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    error_samples: list[str] = field(default_factory=list)
+
+
+async def _load(spec: LoadSpec) -> LoadResult:
+    import aiohttp
+
+    result = LoadResult()
+    path = "/chat/completions" if spec.kind == "chat" else "/responses"
+    url = spec.url.rstrip("/") + path
+    body = dict(spec.body)
+    if spec.kind == "chat":
+        body = {"model": body["model"], "stream": True, "messages": [
+            {"role": "user", "content": "benchmark"}], "stream_options": {"include_usage": True}}
+        if "max_output_tokens" in spec.body:
+            body["max_tokens"] = spec.body["max_output_tokens"]
+    elif spec.kind == "responses":
+        body["stream"] = True
+    marker = b'"content":' if spec.kind == "chat" else b"event: response.output_text.delta"
+    ending = b"[DONE]" if spec.kind != "responses-json" else b'"status":'
+    remaining = spec.requests
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=spec.timeout)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            try:
+                async with session.post(url, json=body) as resp:
+                    first = await resp.content.readany()
+                    result.ttfe.append(time.perf_counter() - started)
+                    rest = await resp.read()
+                    data = first + rest
+                    if resp.status != 200 or ending not in data[-300:]:
+                        raise RuntimeError(f"HTTP {resp.status}: {data[-200:]!r}")
+                    if spec.kind == "responses-json":
+                        result.tokens += json.loads(data)["usage"]["output_tokens"]
+                    else:
+                        result.tokens += data.count(marker) - (1 if spec.kind == "chat" else 0)
+                    result.ok += 1
+            except Exception as exc:  # counted and sampled, never fatal
+                result.errors += 1
+                if len(result.error_samples) < 3:
+                    result.error_samples.append(repr(exc)[:300])
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker(session) for _ in range(spec.concurrency)))
+    result.wall = time.perf_counter() - started
+    return result
+
+
+def _load_entry(spec: LoadSpec) -> LoadResult:
+    try:
+        import uvloop
+
+        return uvloop.run(_load(spec))
+    except ImportError:
+        return asyncio.run(_load(spec))
+
+
+def run_load(url: str, kind: str, concurrency: int, requests: int, body: dict[str, Any],
+             processes: int = 1) -> LoadResult:
+    """Drive the load from `processes` separate processes and merge their results."""
+    per = [requests // processes + (1 if i < requests % processes else 0)
+           for i in range(processes)]
+    conc = [max(1, concurrency // processes + (1 if i < concurrency % processes else 0))
+            for i in range(processes)]
+    specs = [LoadSpec(url, kind, c, n, body) for c, n in zip(conc, per, strict=True) if n]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(len(specs)) as pool:
+        results = pool.map(_load_entry, specs)
+    merged = LoadResult()
+    for r in results:
+        merged.ok += r.ok
+        merged.errors += r.errors
+        merged.tokens += r.tokens
+        merged.ttfe.extend(r.ttfe)
+        merged.wall = max(merged.wall, r.wall)
+        merged.error_samples.extend(r.error_samples)
+    return merged
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measured(url: str, kind: str, concurrency: int, requests: int, body: dict[str, Any],
+             pids: dict[str, int], processes: int = 1) -> dict[str, Any]:
+    """One workload: load result plus CPU seconds of each named process during it."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    result = run_load(url, kind, concurrency, requests, body, processes)
+    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    tokens = max(result.tokens, 1)
+    out: dict[str, Any] = {
+        "kind": kind, "concurrency": concurrency, "requests": requests, "ok": result.ok,
+        "errors": result.errors, "tokens": result.tokens, "wall_s": round(result.wall, 3),
+        "requests_per_s": round(result.ok / result.wall, 1) if result.wall else None,
+        "tokens_per_s": round(result.tokens / result.wall, 1) if result.wall else None,
+        "ttfe_p50_ms": _ms(pct(result.ttfe, 0.5)), "ttfe_p99_ms": _ms(pct(result.ttfe, 0.99)),
+    }
+    for name, seconds in cpu.items():
+        out[f"{name}_cpu_s"] = round(seconds, 3)
+        out[f"{name}_cpu_us_per_token"] = round(seconds / tokens * 1e6, 2)
+        out[f"{name}_cpu_us_per_request"] = round(seconds / max(result.ok, 1) * 1e6, 1)
+    if result.error_samples:
+        out["error_samples"] = result.error_samples
+    return out
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
+
+
+# -- sections -----------------------------------------------------------------------------
+
+
+BENCH_BODY: dict[str, Any] = {"model": "bench", "input": "benchmark", "store": False}
+
+
+def section_cpu(scale: float, target: str | None, target_pid: int | None) -> dict[str, Any]:
+    """CPU per token and per request, zero-delay 10 streams and paced 20 ms 100 streams."""
+    out: dict[str, Any] = {}
+    for label, interval, conc, requests in (("zero_delay_10", 0.0, 10, int(3000 * scale)),
+                                            ("paced20_100", 20.0, 100, int(400 * scale))):
+        with mock_upstream(interval) as (up_url, up_pid), \
+                tempfile.TemporaryDirectory() as tmp, \
+                _gateway(up_url, tmp, target, target_pid) as (gw_url, gw_pid):
+            pids = {"proxy": gw_pid, "upstream": up_pid}
+            direct = measured(up_url, "chat", conc, requests, BENCH_BODY, {"upstream": up_pid})
+            through = measured(gw_url, "responses", conc, requests, BENCH_BODY, pids)
+            row = {"direct": direct, "through_orp": through}
+            if direct["tokens_per_s"] and through["tokens_per_s"]:
+                row["throughput_ratio_orp_vs_direct"] = round(
+                    through["tokens_per_s"] / direct["tokens_per_s"], 3)
+            if interval == 0.0:
+                short = dict(BENCH_BODY, max_output_tokens=16)
+                small = measured(gw_url, "responses", conc, requests, short, pids)
+                row["through_orp_16_tokens"] = small
+                big_req = through["proxy_cpu_us_per_request"]
+                small_req = small["proxy_cpu_us_per_request"]
+                per_token = (big_req - small_req) / (TOKENS - 16)
+                row["proxy_fixed_cpu_us_per_request"] = round(small_req - 16 * per_token, 1)
+                row["proxy_marginal_cpu_us_per_token"] = round(per_token, 2)
+            out[label] = row
+            _print(label, row)
+    return out
+
+
+@contextlib.contextmanager
+def _gateway(upstream: str, tmp: str, target: str | None, target_pid: int | None
+             ) -> Iterator[tuple[str, int]]:
+    if target is not None:
+        if target_pid is None:
+            raise SystemExit("--target needs --target-pid to measure the gateway's CPU")
+        yield target, target_pid
+        return
+    with orp(upstream, os.path.join(tmp, "bench.sqlite3")) as gateway:
+        yield gateway
+
+
+def section_sweep(scale: float, target: str | None, target_pid: int | None) -> dict[str, Any]:
+    """Requests/s, time to first event and errors at 1, 10, 100 and 1000 concurrent streams."""
+    out: dict[str, Any] = {}
+    for label, interval in (("zero_delay", 0.0), ("paced20", 20.0)):
+        rows = {}
+        with mock_upstream(interval) as (up_url, up_pid), \
+                tempfile.TemporaryDirectory() as tmp, \
+                _gateway(up_url, tmp, target, target_pid) as (gw_url, gw_pid):
+            for conc in (1, 10, 100, 1000):
+                requests = max(conc, int(conc * (3 if conc < 1000 else 1) * scale), 20)
+                processes = 2 if conc >= 100 else 1
+                rows[str(conc)] = measured(gw_url, "responses", conc, requests, BENCH_BODY,
+                                           {"proxy": gw_pid, "upstream": up_pid}, processes)
+                _print(f"sweep {label} c={conc}", rows[str(conc)])
+        out[label] = rows
+    return out
+
+
+def section_memory(scale: float, target: str | None, target_pid: int | None
+                   ) -> dict[str, Any]:
+    """RSS of the proxy per concurrent open stream: 1000 slow streams held open at once."""
+    streams = 1000
+    with mock_upstream(40.0) as (up_url, _), tempfile.TemporaryDirectory() as tmp, \
+            _gateway(up_url, tmp, target, target_pid) as (gw_url, gw_pid):
+        run_load(gw_url, "responses", 20, 40, BENCH_BODY)  # warm up allocator and pools
+        idle = rss_bytes(gw_pid)
+        ctx = multiprocessing.get_context("spawn")
+        pool = ctx.Pool(2)
+        try:
+            pending = pool.map_async(_load_entry, [
+                LoadSpec(gw_url, "responses", streams // 2, streams // 2, BENCH_BODY)] * 2)
+            peak = idle
+            deadline = time.monotonic() + 60
+            while not pending.ready() and time.monotonic() < deadline:
+                peak = max(peak, rss_bytes(gw_pid))
+                time.sleep(0.2)
+            results = pending.get(timeout=120)
+        finally:
+            pool.close()
+            pool.join()
+    errors = sum(r.errors for r in results)
+    row = {"streams": streams, "idle_rss_mb": round(idle / 2**20, 1),
+           "peak_rss_mb": round(peak / 2**20, 1),
+           "rss_kb_per_stream": round((peak - idle) / streams / 1024, 1), "errors": errors}
+    _print("memory", row)
+    return row
+
+
+def section_store(scale: float) -> dict[str, Any]:
+    """CPU per request with store true vs false, and with replayed lineages of 10/100/1000."""
+    import urllib.request
+
+    out: dict[str, Any] = {}
+    with mock_upstream(0.0) as (up_url, _), tempfile.TemporaryDirectory() as tmp, \
+            orp(up_url, os.path.join(tmp, "bench.sqlite3")) as (gw_url, gw_pid):
+        short = {"model": "bench", "input": "x", "max_output_tokens": 16}
+        requests = int(600 * scale)
+        pids = {"proxy": gw_pid}
+        measured(gw_url, "responses", 10, 100, dict(short, store=True), pids)  # warm-up
+        for store in (False, True, False, True):  # interleaved: noise hits both alike
+            row = measured(gw_url, "responses", 10, requests, dict(short, store=store), pids)
+            out.setdefault(f"store_{str(store).lower()}", []).append(
+                row["proxy_cpu_us_per_request"])
+        for key in ("store_false", "store_true"):
+            out[key] = round(statistics.mean(out[key]), 1)
+        out["store_overhead_pct"] = round(
+            (out["store_true"] / out["store_false"] - 1) * 100, 1)
+        _print("store", out)
+
+        def post(body: dict[str, Any]) -> dict[str, Any]:
+            req = urllib.request.Request(gw_url + "/responses", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return dict(json.loads(resp.read()))
+
+        replay: dict[str, Any] = {}
+        previous = None
+        depth = 0
+        for target_depth in (10, 100, 1000):
+            while depth < target_depth:
+                previous = post(dict(short, previous_response_id=previous))["id"]
+                depth += 1
+            body = dict(short, previous_response_id=previous, store=False)
+            before = cpu_seconds(gw_pid)
+            started = time.perf_counter()
+            n = 20
+            for _ in range(n):
+                post(body)
+            replay[str(target_depth)] = {
+                "proxy_cpu_ms_per_request": round((cpu_seconds(gw_pid) - before) / n * 1000, 2),
+                "wall_ms_per_request": round((time.perf_counter() - started) / n * 1000, 2)}
+        out["replay"] = replay
+        _print("replay", replay)
+    return out
+
+
+def section_json(scale: float, target: str | None, target_pid: int | None) -> dict[str, Any]:
+    with mock_upstream(0.0) as (up_url, up_pid), tempfile.TemporaryDirectory() as tmp, \
+            _gateway(up_url, tmp, target, target_pid) as (gw_url, gw_pid):
+        body = dict(BENCH_BODY, max_output_tokens=16)
+        row = measured(gw_url, "responses-json", 10, int(1000 * scale), body,
+                       {"proxy": gw_pid, "upstream": up_pid})
+    _print("json", row)
+    return row
+
+
+def _print(label: str, row: Any) -> None:
+    print(f"== {label}\n{json.dumps(row, indent=1)}", flush=True)
+
+
+SECTIONS = ("cpu", "sweep", "memory", "store", "json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only these sections (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the requests")
+    parser.add_argument("--target", help="measure another Responses endpoint (base URL with /v1)")
+    parser.add_argument("--target-pid", type=int, help="PID of that gateway's process")
+    parser.add_argument("--out", default="bench-results.json", help="result file (JSON)")
+    args = parser.parse_args(argv)
+    scale = 0.25 if args.quick else 1.0
+    chosen = args.only or list(SECTIONS)
+    results: dict[str, Any] = {
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "tokens_per_response": TOKENS, "target": args.target or "orp (orp-proxy serve)",
+    }
+    started = time.time()
+    if "cpu" in chosen:
+        results["cpu"] = section_cpu(scale, args.target, args.target_pid)
+    if "sweep" in chosen:
+        results["sweep"] = section_sweep(scale, args.target, args.target_pid)
+    if "memory" in chosen:
+        results["memory"] = section_memory(scale, args.target, args.target_pid)
+    if "store" in chosen and args.target is None:
+        results["store"] = section_store(scale)
+    if "json" in chosen:
+        results["json"] = section_json(scale, args.target, args.target_pid)
+    results["duration_s"] = round(time.time() - started, 1)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
