@@ -35,6 +35,17 @@ REASONING_EVENT_NAMES = {
 }
 
 
+_COLLAPSE_AT = 64
+
+
+def _append(pieces: list[str], text: str) -> None:
+    """Keep accumulated text as a few strings, not one small object per token (memory per
+    open stream); joining every 64 pieces keeps the copying linear in practice."""
+    pieces.append(text)
+    if len(pieces) >= _COLLAPSE_AT:
+        pieces[:] = ["".join(pieces)]
+
+
 class _Part:
     """An open content part: its dict (already in the item's content) and its text pieces."""
 
@@ -282,7 +293,7 @@ class Transcoder:
         part = item.part
         if part is None or part.kind != kind:
             part = self._part(item, kind)
-        part.pieces.append(text)
+        _append(part.pieces, text)
         self._last = item
         if kind == "refusal":
             self._emit(
@@ -313,7 +324,7 @@ class Transcoder:
     def _reasoning_text(self, text: str) -> None:
         item = self._content_item("reasoning")
         part = self._part(item, "reasoning_text")
-        part.pieces.append(text)
+        _append(part.pieces, text)
         self._last = item
         self._emit(
             {
@@ -344,7 +355,7 @@ class Transcoder:
             call = self._calls[index] = _Call(item, -1)
         arguments = function.get("arguments")
         if arguments:
-            call.pieces.append(arguments)
+            _append(call.pieces, arguments)
         if call.announced:
             if arguments:
                 self._emit_arguments(call, arguments)

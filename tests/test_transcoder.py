@@ -391,3 +391,18 @@ def test_lone_surrogate_in_a_batch_still_encodes_as_valid_utf8_json() -> None:
     data = encode_events(events)
     blocks = data.decode("utf-8").split("\n\n")[:-1]
     assert [json.loads(b.split("data: ")[1])["delta"] for b in blocks] == ["ok", "bad \ud800"]
+
+
+def test_long_streams_keep_exact_text_and_arguments_across_collapses() -> None:
+    pieces = [f"<{i}\u00e9>" for i in range(1000)]
+    args = '{"list": [' + ",".join(str(i) for i in range(700)) + "]}"
+    chunks = [*text_chunks(pieces, finish_reason=None),
+              *refusal_chunks(pieces[:130], finish_reason=None),
+              *tool_call_chunks([("c1", "send", args)], split_args=2)]
+    events = run(chunks)
+    output = events[-1]["response"]["output"]
+    assert output[0]["content"][0]["text"] == "".join(pieces)
+    assert output[0]["content"][1]["refusal"] == "".join(pieces[:130])
+    assert output[1]["arguments"] == args
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert deltas == "".join(pieces)
