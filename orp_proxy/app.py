@@ -11,15 +11,23 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
+from .access import access_middleware, setup_access_log
+from .auth import setup_auth
 from .config import Settings, load_settings
 from .handlers import error_middleware, setup_routes
+from .health import setup_health
+from .keepalive import streams_ctx
+from .metrics import TimedStore, setup_metrics
+from .scrub import Scrubber
 from .state import GATEWAY, Gateway
 from .store import SQLiteStore
-from .upstream import UpstreamClient
+from .upstream import RetryPolicy, UpstreamClient
+from .validation import RequestLimits
 
 log = logging.getLogger("orp.app")
 
@@ -46,9 +54,18 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     store = await SQLiteStore.open(settings.db_path,
                                      owner_secret=settings.resolved_owner_secret())
     try:
-        upstream = UpstreamClient(session, base_url, settings.resolved_upstream_key(),
-                                  max_line_bytes=settings.max_line_bytes)
-        app[GATEWAY] = Gateway(settings=settings, upstream=upstream, store=store)
+        upstream_key = settings.resolved_upstream_key()
+        upstream = UpstreamClient(
+            session, base_url, upstream_key, max_line_bytes=settings.max_line_bytes,
+            retry=RetryPolicy(settings.upstream_retries, settings.retry_backoff,
+                              settings.retry_max_wait),
+            scrub=None if settings.expose_upstream_errors else Scrubber(
+                [urlsplit(base_url).hostname or "", upstream_key or ""]),
+            connect_timeout=settings.connect_timeout)
+        limits = RequestLimits(max_input_items=settings.max_input_items,
+                               max_tools=settings.max_tools)
+        app[GATEWAY] = Gateway(settings=settings, upstream=upstream, store=TimedStore(store),
+                               limits=limits)
         yield
     finally:
         await session.close()
@@ -83,11 +100,22 @@ async def _purge_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings) -> web.Application:
     """The application for explicit settings (tests, the CLI)."""
+    # handler_cancellation: a client that goes away cancels its handler at once, which closes
+    # the upstream request. As a handler argument it holds under any runner, gunicorn's too.
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[error_middleware])
+                          middlewares=[error_middleware, access_middleware],
+                          handler_args={"handler_cancellation": True})
     app[SETTINGS] = settings
+    setup_auth(app, settings)  # after error_middleware, so 401s leave as error objects
+    # aiosqlite logs every statement with its parameters (response content) at DEBUG: content
+    # must stay out of the logs even with ORP_LOG_LEVEL=debug.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     app.cleanup_ctx.append(_gateway_ctx)
     app.cleanup_ctx.append(_purge_ctx)
+    app.cleanup_ctx.append(streams_ctx(settings.sse_keepalive))
+    setup_health(app)  # its cleanup context needs the gateway's
+    setup_metrics(app)
+    setup_access_log(app)
     setup_routes(app)
     return app
 

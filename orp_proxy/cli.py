@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="ORP: an Open Responses gateway in front of Chat Completions backends.",
         epilog=_settings_help() + textwrap.dedent("""
 
-            Production: run under gunicorn with aiohttp workers, e.g.
-              gunicorn 'orp_proxy.app:create_app' -k aiohttp.GunicornUVLoopWebWorker
+            Development: `orp-proxy serve` runs one process on uvloop.
+            Production: gunicorn with aiohttp workers and the shipped config, which reads
+            the same settings (plus ORP_WORKERS, ORP_GRACEFUL_TIMEOUT, ...):
+              gunicorn -c python:orp_proxy.gunicorn_conf orp_proxy.app:create_app
+            and under systemd the unit in systemd/ (see README, "Production").
             """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -71,6 +74,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _serve(settings: Settings) -> None:
     from aiohttp import web
 
+    from .access import configure_access_logging
     from .app import build_app
 
     loop: asyncio.AbstractEventLoop
@@ -82,9 +86,12 @@ def _serve(settings: Settings) -> None:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     logging.getLogger("orp").info("settings: %s", settings.redacted())
+    configure_access_logging()  # bare JSON lines on stderr, next to the other logs
     # run_app runs the loop until SIGINT/SIGTERM, shuts the app down, then closes the loop.
     web.run_app(build_app(settings), host=settings.host, port=settings.port,
                 handler_cancellation=True, loop=loop, access_log=None,
+                keepalive_timeout=settings.keepalive_timeout,
+                shutdown_timeout=settings.graceful_timeout,
                 print=lambda text: print(text, flush=True))
 
 
@@ -117,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        _serve(settings)
+        try:
+            _serve(settings)
+        except ConfigError as exc:  # raised while building the app (e.g. no client auth)
+            print(f"orp-proxy: {exc}", file=sys.stderr)
+            return 2
     elif args.command == "settings":
         for key, value in settings.redacted().items():
             print(f"{key} = {value}")

@@ -78,6 +78,20 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     """One option: its field on `Settings`, its environment name, parser and help text."""
@@ -103,8 +117,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Key of the keyed hash that names a stored response's owner. Unset: a random key "
             "kept in the database file. Also read from the systemd credential 'owner_secret'.",
             secret=True, metavar="SECRET"),
-    Setting("host", "ORP_HOST", str, "Address `orp-proxy serve` listens on.", metavar="HOST"),
-    Setting("port", "ORP_PORT", int, "Port `orp-proxy serve` listens on.", metavar="PORT"),
+    Setting("compaction_key", "ORP_COMPACTION_KEY", _optional_str,
+            "Key that encrypts the summaries of /v1/responses/compact (at least 32 "
+            "characters); several comma-separated to rotate (the first encrypts, all decrypt). "
+            "Unset: derived from the owner-hash key. Also read from the systemd credential "
+            "'compaction_key'.", secret=True, metavar="KEY"),
+    Setting("host", "ORP_HOST", str, "Address ORP listens on (`orp-proxy serve`, the gunicorn "
+            "config).", metavar="HOST"),
+    Setting("port", "ORP_PORT", int, "Port ORP listens on (`orp-proxy serve`, the gunicorn "
+            "config).", metavar="PORT"),
     Setting("db_path", "ORP_DB_PATH", str, "SQLite file of the response store.", metavar="PATH"),
     Setting("store_ttl_seconds", "ORP_STORE_TTL_SECONDS", float,
             "How long stored responses are kept (seconds); 0 keeps them forever.",
@@ -113,6 +134,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between purges of expired stored responses.", metavar="SECONDS"),
     Setting("max_body_bytes", "ORP_MAX_BODY_BYTES", _positive_int,
             "Largest request body accepted (bytes); larger gets 413.", metavar="BYTES"),
+    Setting("ws_max_age_seconds", "ORP_WS_MAX_AGE_SECONDS", _positive_float,
+            "Lifetime of a WebSocket connection (seconds); then it is closed with "
+            "'websocket_connection_limit_reached'.", metavar="SECONDS"),
     Setting("model_map", "ORP_MODEL_MAP", _parse_model_map,
             "Model aliases: 'client=upstream,...' or a JSON object. Unlisted names pass "
             "through unchanged.", metavar="MAP"),
@@ -140,6 +164,59 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest line accepted from the upstream stream (bytes).", metavar="BYTES"),
     Setting("log_level", "ORP_LOG_LEVEL", _choice("debug", "info", "warning", "error"),
             "Log level.", metavar="LEVEL"),
+    Setting("log_content", "ORP_LOG_CONTENT", _parse_bool,
+            "Debugging only: put instructions, input and output items in the access log line "
+            "(never credentials).", metavar="BOOL"),
+    Setting("workers", "ORP_WORKERS", _non_negative_int,
+            "gunicorn worker processes; 0: $WEB_CONCURRENCY if set, else one per CPU core.",
+            metavar="N"),
+    Setting("graceful_timeout", "ORP_GRACEFUL_TIMEOUT", _positive_int,
+            "Seconds in-flight requests (streams) may take to finish after SIGTERM.",
+            metavar="SECONDS"),
+    Setting("keepalive_timeout", "ORP_KEEPALIVE_TIMEOUT", _positive_int,
+            "Seconds an idle client connection is kept open; above load balancers' idle "
+            "timeouts (often 60).", metavar="SECONDS"),
+    Setting("sse_keepalive", "ORP_SSE_KEEPALIVE", _non_negative_float,
+            "Seconds of silence after which an open stream gets a ': keep-alive' comment; "
+            "0 disables them.", metavar="SECONDS"),
+    Setting("drain_file", "ORP_DRAIN_FILE", _optional_str,
+            "While this file exists, /readyz answers 503 (checked every second); the "
+            "systemd unit creates it before stopping.", metavar="PATH"),
+    Setting("upstream_probe_interval", "ORP_UPSTREAM_PROBE_INTERVAL", _non_negative_float,
+            "Seconds between checks of GET {upstream}/models, reported by /readyz; 0 disables "
+            "them.", metavar="SECONDS"),
+    Setting("control_socket", "ORP_CONTROL_SOCKET", _optional_str,
+            "gunicorn control socket: a path, or 'off'. Unset: $RUNTIME_DIRECTORY/gunicorn.ctl "
+            "under systemd, otherwise off.", metavar="PATH"),
+    Setting("upstream_retries", "ORP_UPSTREAM_RETRIES", _non_negative_int,
+            "Retries of an upstream request that was refused before it started (connect "
+            "error or timeout, 429, 503); 0 disables retries.", metavar="N"),
+    Setting("retry_backoff", "ORP_UPSTREAM_RETRY_BACKOFF", _positive_float,
+            "Base of the jittered exponential backoff between retries (seconds).",
+            metavar="SECONDS"),
+    Setting("retry_max_wait", "ORP_UPSTREAM_RETRY_MAX_WAIT", _non_negative_float,
+            "Most seconds one request spends waiting between retries, Retry-After included; "
+            "a longer Retry-After is passed to the client instead.", metavar="SECONDS"),
+    Setting("expose_upstream_errors", "ORP_EXPOSE_UPSTREAM_ERRORS", _parse_bool,
+            "Pass upstream error messages to clients verbatim (otherwise URLs, host names, "
+            "addresses and key-like strings are scrubbed).", metavar="BOOL"),
+    Setting("auth_mode", "ORP_AUTH_MODE", _choice("keys", "passthrough", "none"),
+            "Client authentication: 'keys' (one of ORP_API_KEYS), 'passthrough' (the "
+            "client's bearer token goes upstream) or 'none' (local development). Unset: "
+            "'keys' if keys are configured, 'none' when ORP_UPSTREAM_URL is unset too (the "
+            "demo), otherwise ORP refuses to start.", metavar="MODE"),
+    Setting("api_keys", "ORP_API_KEYS", _optional_str,
+            "Gateway keys clients may present, comma-separated. Prefer ORP_API_KEYS_FILE or "
+            "the systemd credential 'api_keys'.", secret=True, metavar="KEYS"),
+    Setting("api_keys_file", "ORP_API_KEYS_FILE", _optional_str,
+            "File of gateway keys, one per line ('#' starts a comment).", metavar="PATH"),
+    Setting("metrics_public", "ORP_METRICS_PUBLIC", _parse_bool,
+            "Serve /metrics without a key; false: it needs one of ORP_API_KEYS.",
+            metavar="BOOL"),
+    Setting("max_input_items", "ORP_MAX_INPUT_ITEMS", _positive_int,
+            "Most items in a request's 'input'.", metavar="N"),
+    Setting("max_tools", "ORP_MAX_TOOLS", _positive_int,
+            "Most entries in a request's 'tools'.", metavar="N"),
 )
 
 
@@ -151,12 +228,14 @@ class Settings:
     upstream_api_key: str | None = None
     upstream_api_key_file: str | None = None
     owner_secret: str | None = None
+    compaction_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     db_path: str = "./orp.sqlite3"
     store_ttl_seconds: float = 30 * 24 * 3600.0
     purge_interval: float = 300.0
     max_body_bytes: int = 32 * 1024 * 1024
+    ws_max_age_seconds: float = 3600.0
     model_map: Mapping[str, str] = field(default_factory=dict)
     default_model: str | None = None
     connect_timeout: float = 10.0
@@ -167,6 +246,24 @@ class Settings:
     reasoning_events: str = "spec"
     max_line_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
+    log_content: bool = False
+    workers: int = 0
+    graceful_timeout: int = 300
+    keepalive_timeout: int = 75
+    sse_keepalive: float = 15.0
+    drain_file: str | None = None
+    upstream_probe_interval: float = 30.0
+    control_socket: str | None = None
+    upstream_retries: int = 2
+    retry_backoff: float = 0.25
+    retry_max_wait: float = 8.0
+    expose_upstream_errors: bool = False
+    auth_mode: str | None = None
+    api_keys: str | None = None
+    api_keys_file: str | None = None
+    metrics_public: bool = True
+    max_input_items: int = 4096
+    max_tools: int = 128
 
     def upstream_model(self, client_model: str) -> str:
         return self.model_map.get(client_model, client_model)
@@ -178,6 +275,9 @@ class Settings:
     def resolved_owner_secret(self) -> bytes | None:
         secret = _secret(self.owner_secret, None, "owner_secret")
         return secret.encode() if secret else None
+
+    def resolved_compaction_key(self) -> str | None:
+        return _secret(self.compaction_key, None, "compaction_key")
 
     def redacted(self) -> dict[str, Any]:
         """Settings safe to log: secrets replaced by a marker."""

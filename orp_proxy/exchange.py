@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import MODEL_ERROR, SERVER_ERROR, ApiError
+from .keepalive import STREAMS, LiveStream, StreamRegistry
 from .sse import DONE_BLOCK, encode_events
 from .store import ResponseStore, StoredResponse
 from .transcoder import Event, ToolNotAllowed, Transcoder
@@ -138,15 +139,23 @@ class Exchange:
         resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
         tc = self.transcoder
         tc.start()
+        # Idle streams get keep-alive comments from the worker's sweeper (see keepalive.py).
+        streams = request.app.get(STREAMS)
+        if streams is None:  # an application built without `streams_ctx`
+            streams = StreamRegistry(0)
+        live: LiveStream | None = None
         try:
             await resp.prepare(request)
             await resp.write(encode_events(tc.take()))
+            live = opened = streams.open(request, resp)
 
             async def deliver(events: list[Event]) -> None:
                 await resp.write(encode_events(events))
+                opened.writes += 1
 
             await self.pump(deliver)
             final = await self.settle()
+            streams.close(opened)
             await resp.write(encode_events(final) + DONE_BLOCK)
             await resp.write_eof()
         except (ConnectionResetError, ConnectionError):
@@ -155,6 +164,8 @@ class Exchange:
             await self.interrupted()
             raise
         finally:
+            if live is not None:
+                streams.close(live)
             self.upstream.close()
         return resp
 

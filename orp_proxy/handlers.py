@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import ujson
 from aiohttp import web
 
+from .access import ACCESS, attach_exchange, incoming_request_id
+from .auth import UPSTREAM_AUTHORIZATION, bearer_token
 from .errors import INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, ApiError, invalid
 from .pipeline import load_history, start_exchange
 from .sse import dumps
@@ -80,24 +81,26 @@ async def read_json_body(request: web.Request, limit: int) -> Any:
                        code="request_too_large") from None
     try:
         return ujson.loads(raw)
-    except (ValueError, OverflowError, RecursionError):
-        raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # ujson refuses nesting over 1024 levels, and Python integers over 4300 digits: say so.
+        reason = str(exc)
+        detail = (" It is nested too deeply (at most 1024 levels)." if "depth" in reason
+                  else " It holds a number with too many digits." if "digits" in reason
+                  else "")
+        raise ApiError(400, f"The request body is not valid JSON.{detail}",
+                       code="invalid_json") from None
 
 
 def credential(request: web.Request) -> str | None:
-    """The caller's bearer token, if any (only ever used hashed, as the store owner)."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return None
+    """The caller's bearer token, if any (only ever used hashed, as the store owner; the auth
+    middleware has checked it unless ORP_AUTH_MODE is none)."""
+    return bearer_token(request)
 
 
 def request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    if given and len(given) <= 128 and given.isprintable():
-        return given
-    return uuid.uuid4().hex
+    """The id the access middleware gave this request (the client's `X-Request-Id` if sane)."""
+    record = request.get(ACCESS)
+    return record.request_id if record is not None else incoming_request_id(request)
 
 
 # -- POST /v1/responses -------------------------------------------------------------------
@@ -110,7 +113,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     owner = gateway.store.owner_id(credential(request))
     rid = request_id(request)
     history = await load_history(gateway, owner, body.get("previous_response_id"))
-    exchange = await start_exchange(gateway, body, owner=owner, history=history, request_id=rid)
+    exchange = await start_exchange(gateway, body, owner=owner, history=history, request_id=rid,
+                                    authorization=request.get(UPSTREAM_AUTHORIZATION))
+    attach_exchange(request, exchange, stream=bool(body.get("stream")))
     headers = {"X-Request-Id": rid}
     if body.get("stream"):
         return await exchange.stream(request, headers)
@@ -182,7 +187,13 @@ async def list_input_items(request: web.Request) -> web.StreamResponse:
 
 
 def setup_routes(app: web.Application) -> None:
+    # Imported here: both modules build on this one's request helpers.
+    from .compaction import compact_response
+    from .websocket import setup_websocket
+
     app.router.add_post("/v1/responses", create_response)
+    setup_websocket(app)  # GET /v1/responses, upgraded
+    app.router.add_post("/v1/responses/compact", compact_response)
     app.router.add_get("/v1/responses/{response_id}", get_response)
     app.router.add_delete("/v1/responses/{response_id}", delete_response)
     app.router.add_get("/v1/responses/{response_id}/input_items", list_input_items)

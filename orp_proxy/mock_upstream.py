@@ -236,7 +236,12 @@ def refusal_chunks(
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (echoed from a `\ud800` escape) is not UTF-8; escaped it is JSON.
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _sse_events(

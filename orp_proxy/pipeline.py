@@ -12,6 +12,7 @@ from .errors import ApiError, invalid
 from .exchange import Exchange, Persistence
 from .resource import build_response
 from .state import Gateway
+from .summaries import replay_compactions
 from .transcoder import Transcoder
 from .translate import (
     allowed_tool_names,
@@ -55,27 +56,29 @@ async def resolve_references(gateway: Gateway, owner: str, items: list[dict[str,
     return resolved
 
 
-def _reject_unsupported(body: dict[str, Any], items: list[dict[str, Any]]) -> None:
+def _reject_unsupported(body: dict[str, Any]) -> None:
     if body.get("background"):
         raise invalid("Background responses are not supported by this gateway.", "background",
                       "unsupported_parameter")
-    for i, item in enumerate(items):
-        if item.get("type") == "compaction":
-            raise invalid("Compaction items are not supported by this gateway yet.",
-                          f"input[{i}].type", "unsupported_value")
 
 
 async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
-                         history: list[dict[str, Any]], request_id: str) -> Exchange:
-    """Translate, open the upstream stream (HTTP errors surface here), return the exchange."""
+                         history: list[dict[str, Any]], request_id: str,
+                         authorization: str | None = None) -> Exchange:
+    """Translate, open the upstream stream (HTTP errors surface here), return the exchange.
+
+    `authorization`: the client's header to send upstream instead of ORP's key (pass-through
+    authentication, `auth.UPSTREAM_AUTHORIZATION`)."""
     settings = gateway.settings
     model = body.get("model") or settings.default_model
     if not model:
         raise ApiError(400, "Missing required parameter: 'model'.", param="model",
                        code="missing_required_parameter")
     new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
-    _reject_unsupported(body, new_items)
-    messages = to_chat_messages([*history, *new_items], instructions=body.get("instructions"),
+    _reject_unsupported(body)
+    # Compaction items go upstream as the summaries they seal; the store keeps them sealed.
+    context = replay_compactions(gateway.compaction, owner, history, new_items)
+    messages = to_chat_messages(context, instructions=body.get("instructions"),
                                 developer_role=settings.developer_role)
     chat = build_chat_request(body, messages, model=settings.upstream_model(model),
                               settings=settings)
@@ -85,7 +88,8 @@ async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
         reasoning_events=settings.reasoning_events,
         include_logprobs="message.output_text.logprobs" in (body.get("include") or ()),
     )
-    upstream = await gateway.upstream.open(chat, request_id=request_id)
+    upstream = await gateway.upstream.open(chat, request_id=request_id,
+                                           authorization=authorization)
     persist = (Persistence(gateway.store, owner, new_items, settings.store_ttl_seconds or None)
                if body.get("store") is not False else None)
     return Exchange(transcoder, upstream, persist, new_items=new_items)

@@ -3,21 +3,49 @@
 Errors before the response body starts become `ApiError`s with the HTTP status the client should
 see; errors while reading the body become `UpstreamStreamError`s, which the handler turns into an
 `error` event and `response.failed`.
+
+Retries. Only a request the upstream provably did not act on is sent again, and only before any
+byte reached the client: a connection that could not be opened (refused, DNS failure, connect
+timeout: the request was never sent) and an explicit refusal (429, 503: the server says it did
+no work). A 500, a dropped connection or a read timeout after the request went out may already
+have cost tokens or started a side effect, so they are never retried. Waits are exponential with
+jitter (half fixed, half random, so retrying clients spread out), a `Retry-After` is honoured, and
+the total wait of one request is capped; a `Retry-After` beyond the cap is handed to the client.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import email.utils
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import ujson
 
-from .errors import INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, TOO_MANY_REQUESTS, ApiError
+from .errors import (
+    AUTHENTICATION,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    SERVER_ERROR,
+    TOO_MANY_REQUESTS,
+    ApiError,
+)
 from .sse_lines import DONE, LineTooLong, SSELineBuffer
+
+log = logging.getLogger("orp.upstream")
 
 _ERROR_BODY_LIMIT = 64 * 1024
 _MESSAGE_LIMIT = 500
+# Scrubbed before it is cut to _MESSAGE_LIMIT, so that a cut cannot leave half a key behind.
+_SCRUB_LIMIT = 4 * _MESSAGE_LIMIT
+
+Scrub = Callable[[str], str]
 
 
 class UpstreamStreamError(Exception):
@@ -29,8 +57,9 @@ class UpstreamStreamError(Exception):
         self.message = message
 
 
-def _error_message(raw: bytes) -> str | None:
-    """The `error.message` of an OpenAI-style error body, if it is one; never raw HTML."""
+def _error_message(raw: bytes, scrub: Scrub | None = None) -> str | None:
+    """The `error.message` of an OpenAI-style error body, if it is one; never raw HTML.
+    `scrub` (if given) removes what clients must not see."""
     try:
         body = ujson.loads(raw)
     except ValueError:
@@ -44,12 +73,14 @@ def _error_message(raw: bytes) -> str | None:
         message = body.get("message") if isinstance(body, dict) else None
     if not isinstance(message, str) or not message:
         return None
+    if scrub is not None:
+        message = scrub(message[:_SCRUB_LIMIT])
     return message[:_MESSAGE_LIMIT]
 
 
-def status_error(status: int, raw: bytes, headers: Any) -> ApiError:
+def status_error(status: int, raw: bytes, headers: Any, scrub: Scrub | None = None) -> ApiError:
     """The client-facing error for an upstream HTTP error status."""
-    detail = _error_message(raw)
+    detail = _error_message(raw, scrub)
     suffix = f": {detail}" if detail else ""
     if status == 429:
         retry = {"Retry-After": headers["Retry-After"]} if "Retry-After" in headers else None
@@ -71,6 +102,11 @@ def status_error(status: int, raw: bytes, headers: Any) -> ApiError:
     if status in (408, 504):
         return ApiError(504, "The upstream model server timed out", type=SERVER_ERROR,
                         code="upstream_timeout")
+    if status == 503:
+        # Passed on as 503 with its Retry-After: the client may come back, unlike after a 502.
+        retry = {"Retry-After": headers["Retry-After"]} if "Retry-After" in headers else None
+        return ApiError(503, f"The upstream model server is unavailable or overloaded{suffix}",
+                        type=SERVER_ERROR, code="upstream_overloaded", headers=retry)
     return ApiError(502, f"The upstream model server failed with HTTP {status}{suffix}",
                     type=SERVER_ERROR, code="upstream_error")
 
@@ -94,9 +130,11 @@ def completion_as_chunk(completion: Any) -> dict[str, Any]:
 class UpstreamStream:
     """An open upstream response whose body is read as batches of decoded chunks."""
 
-    def __init__(self, response: aiohttp.ClientResponse, max_line_bytes: int) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, max_line_bytes: int,
+                 scrub: Scrub | None = None) -> None:
         self.response = response
         self._lines = SSELineBuffer(max_line_bytes)
+        self._scrub = scrub
         self._json = not response.content_type.startswith("text/event-stream")
         self.saw_done = False
 
@@ -108,26 +146,48 @@ class UpstreamStream:
             return
         lines = self._lines
         loads = ujson.loads
+        payload = b""
         try:
             async for data in self.response.content.iter_any():
                 batch = []
-                for payload in lines.feed(data):
-                    if payload == DONE:
-                        self.saw_done = True
-                        break
-                    chunk = loads(payload)
-                    if isinstance(chunk, dict) and chunk.get("error"):
-                        raise UpstreamStreamError("upstream_error", _stream_error(chunk))
-                    batch.append(chunk)
+                try:
+                    for payload in lines.feed(data):
+                        if payload == DONE:
+                            self.saw_done = True
+                            break
+                        chunk = loads(payload)
+                        if isinstance(chunk, dict) and chunk.get("error"):
+                            raise UpstreamStreamError("upstream_error",
+                                                      _stream_error(chunk, self._scrub))
+                        batch.append(chunk)
+                except (ValueError, UpstreamStreamError):
+                    if batch:
+                        yield batch  # the chunks before the bad one in this read still count
+                    raise
                 yield batch
                 if self.saw_done:
                     return
-            tail = [loads(p) for p in lines.flush() if p != DONE]
+            tail = []
+            try:
+                for payload in lines.flush():
+                    if payload != DONE:
+                        tail.append(loads(payload))
+            except ValueError:
+                if tail:
+                    yield tail
+                raise
             if tail:
                 yield tail
         except LineTooLong as exc:
             raise UpstreamStreamError("upstream_line_too_long", str(exc)) from None
         except ValueError:
+            # Classified only here, on the failure path, to keep the per-chunk path lean.
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UpstreamStreamError("upstream_invalid_utf8",
+                                          "The upstream sent a chunk that is not valid UTF-8"
+                                          ) from None
             raise UpstreamStreamError("upstream_invalid_json",
                                       "The upstream sent a chunk that is not valid JSON") from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -159,39 +219,139 @@ class UpstreamStream:
         self.response.close()
 
 
-def _stream_error(chunk: dict[str, Any]) -> str:
-    message = _error_message(ujson.dumps(chunk).encode())
+def _stream_error(chunk: dict[str, Any], scrub: Scrub | None) -> str:
+    message = _error_message(ujson.dumps(chunk).encode(), scrub)
     return f"The upstream reported an error: {message}" if message else (
         "The upstream reported an error")
 
 
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A `Retry-After` header (delay-seconds or an HTTP date) as seconds from now, or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(seconds, 0.0)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to wait before sending a refused request again."""
+
+    retries: int = 0
+    backoff: float = 0.25
+    max_wait: float = 8.0
+
+    def delay(self, attempt: int, retry_after: float | None, waited: float) -> float | None:
+        """Seconds to wait before retry number `attempt + 1`, or None to give up now."""
+        if attempt >= self.retries:
+            return None
+        budget = self.max_wait - waited
+        base = self.backoff * 2 ** attempt
+        jittered = base / 2 + random.uniform(0, base / 2)
+        if retry_after is not None:
+            if retry_after > budget:
+                return None
+            # At least what the server asked for; the jitter keeps retrying clients apart.
+            return min(retry_after + random.uniform(0, base / 2), budget)
+        return jittered if jittered <= budget else None
+
+
+class _Refused(Exception):
+    """The upstream did not take the request: safe to send again. Carries the final error."""
+
+    def __init__(self, error: ApiError, retry_after: float | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry_after = retry_after
+
+
 class UpstreamClient:
-    """Sends Chat Completions requests over the worker's one `ClientSession`."""
+    """Sends Chat Completions requests over the worker's one `ClientSession`.
+
+    `scrub` cleans upstream error messages before clients see them (None: verbatim).
+    """
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str | None,
-                 *, max_line_bytes: int) -> None:
+                 *, max_line_bytes: int, retry: RetryPolicy | None = None,
+                 scrub: Scrub | None = None, connect_timeout: float | None = None) -> None:
         self.session = session
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._auth = f"Bearer {api_key}" if api_key else None
         self._max_line = max_line_bytes
+        self.retry = retry or RetryPolicy()
+        self._scrub = scrub
+        self._connect_timeout = connect_timeout
 
     async def open(self, chat: dict[str, Any], *, request_id: str | None = None,
                    authorization: str | None = None) -> UpstreamStream:
-        """POST the body; returns once the upstream answered 200 with its headers."""
+        """POST the body; returns once the upstream answered 200 with its headers.
+
+        `authorization` is the client's own `Authorization` header in pass-through mode: it
+        replaces ORP's key, and an upstream 401/403 then means the client's key is bad.
+        Refused attempts are retried per `self.retry` (see the module docstring).
+        """
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         auth = authorization or self._auth
         if auth:
             headers["Authorization"] = auth
         if request_id:
             headers["X-Request-Id"] = request_id
-        data = ujson.dumps(chat, ensure_ascii=False, escape_forward_slashes=False).encode()
+        text = ujson.dumps(chat, ensure_ascii=False, escape_forward_slashes=False)
+        try:
+            data = text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (a valid `\ud800` escape in the client's JSON) is not UTF-8;
+            # as an escape it is still valid JSON.
+            data = ujson.dumps(chat, ensure_ascii=True, escape_forward_slashes=False).encode()
+        waited = 0.0
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(data, headers, client_key=authorization is not None)
+            except _Refused as refused:
+                delay = self.retry.delay(attempt, refused.retry_after, waited)
+                if delay is None:
+                    raise refused.error from None
+                attempt += 1
+                log.warning("upstream refused request %s (%s); retry %d of %d in %.2f s",
+                            request_id or "-", refused.error.code, attempt, self.retry.retries,
+                            delay)
+                await asyncio.sleep(delay)
+                waited += delay
+
+    async def _attempt(self, data: bytes, headers: dict[str, str], *, client_key: bool
+                       ) -> UpstreamStream:
         try:
             response = await self.session.post(self.url, data=data, headers=headers)
+        except aiohttp.ConnectionTimeoutError:
+            within = (f" within {self._connect_timeout:g} s" if self._connect_timeout else "")
+            raise _Refused(ApiError(504, "The upstream model server did not accept a "
+                                    f"connection{within}", type=SERVER_ERROR,
+                                    code="upstream_connect_timeout")) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise ApiError(504, "The upstream model server did not answer in time",
                            type=SERVER_ERROR, code="upstream_timeout") from None
+        except aiohttp.ClientSSLError:
+            raise ApiError(502, "The upstream model server's TLS connection failed",
+                           type=SERVER_ERROR, code="upstream_unavailable") from None
+        except aiohttp.ClientConnectorError:
+            raise _Refused(ApiError(502, "The upstream model server cannot be reached",
+                                    type=SERVER_ERROR, code="upstream_unavailable")) from None
         except aiohttp.ClientError:
-            raise ApiError(502, "The upstream model server cannot be reached",
+            # The request may have been received: not retried.
+            raise ApiError(502, "The connection to the upstream model server failed",
                            type=SERVER_ERROR, code="upstream_unavailable") from None
         if response.status != 200:
             try:
@@ -200,11 +360,18 @@ class UpstreamClient:
                 raw = b""
             finally:
                 response.close()
-            raise status_error(response.status, raw, response.headers)
+            if client_key and response.status in (401, 403):
+                raise ApiError(401, "The API key was rejected by the upstream model server.",
+                               type=AUTHENTICATION, code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+            error = status_error(response.status, raw, response.headers, self._scrub)
+            if response.status in (429, 503):
+                raise _Refused(error, retry_after_seconds(response.headers.get("Retry-After")))
+            raise error
         content_type = response.content_type
         if not (content_type.startswith("text/event-stream") or content_type.endswith("json")):
             response.close()
             raise ApiError(502, "The upstream model server answered with an unexpected "
                            f"content type ({content_type or 'none'})", type=SERVER_ERROR,
                            code="upstream_bad_response")
-        return UpstreamStream(response, self._max_line)
+        return UpstreamStream(response, self._max_line, self._scrub)

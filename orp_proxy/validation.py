@@ -286,6 +286,15 @@ def _check_depth(root: dict[str, Any], path: str, limit: int, what: str = "JSON 
             for child in node.values() if isinstance(node, dict) else node:
                 if isinstance(child, (dict, list)):
                     below.append(child)
+                elif isinstance(child, float) and not math.isfinite(child):
+                    # NaN / Infinity (or 1e400) parse, but are not JSON: they would reach the
+                    # upstream and the stored response as invalid JSON.
+                    raise invalid(
+                        f"Invalid '{path}': the {what} contains a number that is not finite "
+                        "(NaN, Infinity or out of range).",
+                        path,
+                        "invalid_value",
+                    )
         level = below
         depth += 1
 

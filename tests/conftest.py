@@ -34,8 +34,10 @@ async def mock_url(mock: MockUpstream, aiohttp_server: ServerFactory) -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path, mock_url: str) -> Settings:
+    # Open (auth_mode none) and without retries, so that each test sees exactly the upstream
+    # answers it queued; tests of authentication and retries turn them on.
     return Settings(upstream_url=mock_url, db_path=str(tmp_path / "orp.sqlite3"),
-                    read_timeout=5.0, connect_timeout=2.0)
+                    read_timeout=5.0, connect_timeout=2.0, auth_mode="none", upstream_retries=0)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,184 @@
+"""One JSON access-log line and the request metrics per request, written when it ends.
+
+The middleware names every request (the client's `X-Request-Id` if it is sane, otherwise a new
+one; handlers send the same id upstream and back in the response headers), and handlers that
+run a response attach their `Exchange`, from which the line takes the model, token counts, time
+to first token and outcome. The line never holds headers (so no credentials) and holds message
+content only with `ORP_LOG_CONTENT`. Probe endpoints are logged at debug level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from . import metrics
+from .errors import ApiError
+from .sse import dumps
+from .state import GATEWAY
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from .exchange import Exchange
+
+log = logging.getLogger("orp.access")
+
+PROBE_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
+# Not an HTTP status anyone sent: nginx's convention for "the client closed the connection
+# before the response was complete".
+CLIENT_CLOSED = 499
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+               405: "method_not_allowed", 413: "request_too_large"}
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    """What the access line needs to know about one request beyond the request itself."""
+
+    request_id: str
+    started: float
+    exchange: Exchange | None = None
+    stream: bool = False
+
+
+ACCESS = web.RequestKey("orp_access", AccessRecord)
+
+
+def incoming_request_id(request: web.BaseRequest) -> str:
+    """The client's `X-Request-Id` if short and printable, otherwise a fresh one."""
+    given = request.headers.get("X-Request-Id", "")
+    if given and len(given) <= 128 and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def attach_exchange(request: web.Request, exchange: Exchange, *, stream: bool) -> None:
+    """Let the access line and metrics report on this response."""
+    record = request.get(ACCESS)
+    if record is not None:
+        record.exchange = exchange
+        record.stream = stream
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _finish(request: web.Request, record: AccessRecord, status: int, error_code: str | None
+            ) -> None:
+    now = time.monotonic()
+    stream = record.stream
+    line: dict[str, Any] = {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "type": "access",
+        "request_id": record.request_id,
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "duration_ms": _ms(now - record.started),
+        "stream": stream,
+        "pid": os.getpid(),
+        "remote": request.remote,
+    }
+    exchange = record.exchange
+    if exchange is not None:
+        response = exchange.transcoder.response
+        ttft = (exchange.first_token_at - record.started
+                if exchange.first_token_at is not None else None)
+        usage = response.get("usage") or None
+        failure = response.get("error") if response.get("status") == "failed" else None
+        if failure and error_code is None:
+            error_code = failure.get("code") or "response_failed"
+        line.update(model=response.get("model"), response_id=response.get("id"),
+                    outcome=response.get("status"), ttft_ms=_ms(ttft),
+                    input_tokens=usage.get("input_tokens") if usage else None,
+                    output_tokens=usage.get("output_tokens") if usage else None)
+        if response.get("status") == "incomplete" and response.get("incomplete_details"):
+            line["incomplete_reason"] = response["incomplete_details"].get("reason")
+        metrics.record_response(ttft=ttft, duration=now - record.started, usage=usage)
+        if _log_content(request):
+            line.update(instructions=response.get("instructions"), input=exchange.new_items,
+                        output=response.get("output"))
+    if error_code is not None:
+        line["error_code"] = error_code
+        metrics.record_error(error_code)
+    agent = request.headers.get("User-Agent")
+    if agent:
+        line["user_agent"] = agent[:200]
+    metrics.record_request(_route(request), status, stream)
+    level = logging.DEBUG if request.path in PROBE_PATHS else logging.INFO
+    if log.isEnabledFor(level):
+        log.log(level, dumps(line))
+
+
+def _log_content(request: web.Request) -> bool:
+    gateway = request.app.get(GATEWAY)
+    return gateway is not None and gateway.settings.log_content
+
+
+@web.middleware
+async def access_middleware(request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                            ) -> web.StreamResponse:
+    """Times the request; sits inside the error middleware so it sees errors by their code."""
+    record = AccessRecord(incoming_request_id(request), time.monotonic())
+    request[ACCESS] = record
+    status = 500
+    error_code: str | None = "internal_error"
+    try:
+        response = await handler(request)
+        status = response.status
+        error_code = None if status < 400 else f"http_{status}"
+        return response
+    except ApiError as exc:
+        status, error_code = exc.status, exc.code or f"http_{exc.status}"
+        raise
+    except web.HTTPException as exc:
+        status = exc.status
+        error_code = None if status < 400 else _HTTP_CODES.get(status, f"http_{status}")
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status, error_code = CLIENT_CLOSED, None
+        raise
+    finally:
+        try:
+            _finish(request, record, status, error_code)
+        except Exception:  # pragma: no cover - logging must never fail a request
+            logging.getLogger("orp.http").exception("writing the access line failed")
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    record = request.get(ACCESS)
+    if record is not None and "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = record.request_id
+
+
+def setup_access_log(app: web.Application) -> None:
+    """Every response, errors included, carries its `X-Request-Id`."""
+    app.on_response_prepare.append(_add_request_id)
+
+
+def configure_access_logging(stream: Any = None) -> None:
+    """For `orp-proxy serve` (the gunicorn config does the same in its logging dictionary):
+    `orp.access` prints the bare JSON line, and aiosqlite stays quiet below INFO, since its
+    DEBUG lines carry SQL parameters (message content, the owner-hash key)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.getLogger("orp.access")
+    access.handlers[:] = [handler]
+    access.propagate = False
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.root.level))
