@@ -27,6 +27,7 @@ import hmac
 import logging
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -286,7 +287,7 @@ class SQLiteStore:
             # Before anything else, so that the journal-mode switch and the migration wait
             # for a concurrently starting worker instead of failing.
             await db.execute_fetchall(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            rows = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
+            rows = await _switch_to_wal(db, busy_timeout_ms / 1000)
             if str(rows[0][0]).lower() != "wal":
                 log.warning(
                     "SQLite store %s: journal_mode is %s, not WAL; concurrent workers will "
@@ -604,6 +605,25 @@ class SQLiteStore:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         async with self._lock:
             await self._db.close()
+
+
+async def _switch_to_wal(db: aiosqlite.Connection, patience: float) -> list[Any]:
+    """`PRAGMA journal_mode = WAL`, retried while another process creates the same file.
+
+    The switch needs an exclusive lock and SQLite answers "database is locked" at once instead
+    of calling the busy handler, so workers starting together on a new file would fail without
+    this. Once the file is in WAL mode (it persists), the first try succeeds.
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.005
+    while True:
+        try:
+            return list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 async def _migrate(db: aiosqlite.Connection, *, create_key: bool) -> bytes | None:
