@@ -128,7 +128,8 @@ SETTINGS: tuple[Setting, ...] = (
             "config).", metavar="PORT"),
     Setting("db_path", "ORP_DB_PATH", str, "SQLite file of the response store.", metavar="PATH"),
     Setting("store_ttl_seconds", "ORP_STORE_TTL_SECONDS", float,
-            "How long stored responses are kept (seconds); 0 keeps them forever.",
+            "How long a stored response stays readable (seconds; a live response that continues "
+            "from it keeps its content as context); 0 keeps them forever.",
             metavar="SECONDS"),
     Setting("purge_interval", "ORP_STORE_PURGE_INTERVAL", _positive_float,
             "Seconds between purges of expired stored responses.", metavar="SECONDS"),

@@ -17,6 +17,15 @@ Layout: `responses` holds one row per response (the ResponseResource JSON with i
 emptied); `items` holds each input and output item once, in order. A conversation's context is
 read with one recursive query that walks `previous_response_id` and joins the items, so the
 items are never stored twice.
+
+Retention: a response expires TTL after it was created (`expires_at`); but its content is kept as
+long as a live (unexpired) response continues from it, so a conversation keeps its whole context
+while it is in use. An expired response is gone at once for everything that addresses it (GET,
+DELETE, input items, continuing from it, `item_reference` to its items): every read filters on
+`expires_at`, whether or not the purge has run. `load_lineage` from a live response still walks
+through expired ancestors. `purge_expired` deletes expired responses that no response (of the
+same owner, in any state) continues from, leaf first and repeatedly, so a dead chain goes in
+one run, while a chain with a live leaf keeps all its ancestors. Saves never touch ancestors.
 """
 
 from __future__ import annotations
@@ -94,13 +103,20 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         """CREATE INDEX items_by_id ON items (item_id) WHERE item_id IS NOT NULL""",
     ),
+    (
+        # The purge's "does anything continue from this response?" lookup.
+        """CREATE INDEX responses_children ON responses (previous_response_id, owner)
+            WHERE previous_response_id IS NOT NULL""",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
 
+# Only the addressed response must be live; its ancestors are walked whether expired or not.
 _LINEAGE_SQL = """
 WITH RECURSIVE chain (rid, parent, depth) AS (
-    SELECT rid, previous_response_id, 0 FROM responses WHERE id = ?1 AND owner = ?2
+    SELECT rid, previous_response_id, 0 FROM responses
+    WHERE id = ?1 AND owner = ?2 AND (expires_at IS NULL OR expires_at > ?4)
     UNION ALL
     SELECT r.rid, r.previous_response_id, c.depth + 1
     FROM chain AS c JOIN responses AS r ON r.id = c.parent
@@ -113,7 +129,7 @@ ORDER BY c.depth DESC, i.kind, i.seq
 _GET_RESPONSE_SQL = """
 SELECT r.response, i.body FROM responses AS r
 LEFT JOIN items AS i ON i.response_rid = r.rid AND i.kind = 1
-WHERE r.id = ? AND r.owner = ?
+WHERE r.id = ? AND r.owner = ? AND (r.expires_at IS NULL OR r.expires_at > ?)
 ORDER BY i.seq
 """
 
@@ -139,13 +155,34 @@ _INPUT_CURSORS_SQL = """
 SELECT r.rid,
     (SELECT seq FROM items WHERE response_rid = r.rid AND kind = 0 AND item_id = ?3),
     (SELECT seq FROM items WHERE response_rid = r.rid AND kind = 0 AND item_id = ?4)
-FROM responses AS r WHERE r.id = ?1 AND r.owner = ?2
+FROM responses AS r
+WHERE r.id = ?1 AND r.owner = ?2 AND (r.expires_at IS NULL OR r.expires_at > ?5)
 """
 
+# Up to ?2 expired responses that nothing continues from ("dead leaves"), then upwards from
+# each the expired parents whose only child is the row below, so that a dead chain goes in one
+# statement rather than one statement per turn. The walk is breadth first, so any prefix the
+# LIMIT cuts it to still holds each row's children: what is left is again a dead chain. A
+# branch point is reached from neither of its children; it becomes a leaf for the next batch.
+# A "child" is of the same owner, as in the lineage walk.
 _PURGE_SQL = """
-DELETE FROM responses WHERE rid IN (
-    SELECT rid FROM responses WHERE expires_at <= ? LIMIT ?
-) RETURNING rid
+WITH RECURSIVE doomed (rid, parent, owner) AS (
+    SELECT * FROM (
+        SELECT r.rid, r.previous_response_id, r.owner FROM responses AS r
+        WHERE r.expires_at <= ?1 AND NOT EXISTS (
+            SELECT 1 FROM responses AS c
+            WHERE c.previous_response_id = r.id AND c.owner = r.owner)
+        LIMIT ?2
+    )
+    UNION ALL
+    SELECT p.rid, p.previous_response_id, p.owner
+    FROM doomed AS d JOIN responses AS p ON p.id = d.parent AND p.owner = d.owner
+    WHERE p.expires_at <= ?1 AND NOT EXISTS (
+        SELECT 1 FROM responses AS c
+        WHERE c.previous_response_id = p.id AND c.owner = p.owner AND c.rid <> d.rid)
+    LIMIT ?2
+)
+DELETE FROM responses WHERE rid IN (SELECT rid FROM doomed) RETURNING rid
 """
 
 
@@ -199,17 +236,18 @@ class ResponseStore(Protocol):
     async def load_lineage(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
         """Items to continue from `response_id`: each turn's input then output, oldest first.
 
-        None when the response is unknown to this owner. A missing ancestor (deleted, purged)
-        ends the walk: the context starts after the gap.
+        None when the response is unknown to this owner or expired. Expired ancestors are
+        included; a missing one (deleted, purged) ends the walk: the context starts after the gap.
         """
         ...
 
     async def get_response(self, owner: str, response_id: str) -> dict[str, Any] | None:
-        """The ResponseResource as sent to the client, or None."""
+        """The ResponseResource as sent to the client, or None (unknown or expired)."""
         ...
 
     async def delete_response(self, owner: str, response_id: str) -> bool:
-        """Delete a response and its items; its children keep theirs. False if unknown."""
+        """Delete a response and its items; its children keep theirs. False if unknown or
+        expired."""
         ...
 
     async def list_input_items(
@@ -222,15 +260,15 @@ class ResponseStore(Protocol):
         after: str | None = None,
         before: str | None = None,
     ) -> InputItemsPage | None:
-        """A page of a response's input items with OpenAI's cursor semantics, or None."""
+        """A page of a live response's input items with OpenAI's cursor semantics, or None."""
         ...
 
     async def get_items(self, owner: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Stored input or output items of this owner by id; unknown ids are left out."""
+        """Items of this owner's live responses by id; unknown ids are left out."""
         ...
 
     async def purge_expired(self, now: float | None = None) -> int:
-        """Delete responses whose `expires_at` has passed; returns how many."""
+        """Delete expired responses that no response continues from; returns how many."""
         ...
 
     # The name `timeout` is part of the agreed interface (ASYNC109 prefers asyncio.timeout).
@@ -408,16 +446,17 @@ class SQLiteStore:
         """Context for continuing from `response_id`, in spec order, from one query.
 
         `ancestor.input + ancestor.output + ... + target.input + target.output`; None if the
-        target is unknown for this owner; an ancestor that is gone ends the walk there.
+        target is unknown for this owner or expired; expired ancestors are included, an
+        ancestor that is gone ends the walk there.
         """
-        rows = await self._read(_LINEAGE_SQL, (response_id, owner, _MAX_LINEAGE_DEPTH))
+        rows = await self._read(_LINEAGE_SQL, (response_id, owner, _MAX_LINEAGE_DEPTH, time.time()))
         if not rows:
             return None
         return _loads_list(body for (body,) in rows if body is not None)
 
     async def get_response(self, owner: str, response_id: str) -> dict[str, Any] | None:
-        """The ResponseResource as it was sent to the client, or None."""
-        rows = await self._read(_GET_RESPONSE_SQL, (response_id, owner))
+        """The ResponseResource as it was sent to the client, or None (unknown or expired)."""
+        rows = await self._read(_GET_RESPONSE_SQL, (response_id, owner, time.time()))
         if not rows:
             return None
         response: dict[str, Any] = ujson.loads(rows[0][0])
@@ -427,12 +466,16 @@ class SQLiteStore:
         return response
 
     async def delete_response(self, owner: str, response_id: str) -> bool:
-        """Delete the response and its items (children keep theirs); False if unknown."""
+        """Delete the response and its items (children keep theirs); False if unknown or
+        expired (an expired one the purge keeps for a live descendant's context is not
+        addressable any more)."""
+        now = time.time()
 
         async def body() -> bool:
             rows = await self._fetch(
-                "DELETE FROM responses WHERE id = ? AND owner = ? RETURNING rid",
-                (response_id, owner),
+                "DELETE FROM responses WHERE id = ? AND owner = ? "
+                "AND (expires_at IS NULL OR expires_at > ?) RETURNING rid",
+                (response_id, owner, now),
             )
             return bool(rows)
 
@@ -453,7 +496,8 @@ class SQLiteStore:
         `order` "desc" (newest first, the default) or "asc"; `after`/`before` are item ids
         excluded from the page, read in that order; `has_more` tells whether more items lie
         beyond the page in the direction of reading (towards the start for a `before`-only
-        page). An unknown cursor gives an empty page. None if the response is unknown.
+        page). An unknown cursor gives an empty page. None if the response is unknown or
+        expired.
         Raises ValueError for a `limit` outside 1..100 or another `order`.
         """
         if not 1 <= limit <= 100:
@@ -463,7 +507,9 @@ class SQLiteStore:
         if self._closing:
             raise RuntimeError("response store is closed")
         async with self._lock:
-            found = await self._fetch(_INPUT_CURSORS_SQL, (response_id, owner, after, before))
+            found = await self._fetch(
+                _INPUT_CURSORS_SQL, (response_id, owner, after, before, time.time())
+            )
             if not found:
                 return None
             rid, after_seq, before_seq = found[0]
@@ -490,12 +536,13 @@ class SQLiteStore:
         return InputItemsPage(data=_loads_list(bodies), has_more=has_more)
 
     async def get_items(self, owner: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Resolve `item_reference`s: this owner's stored input/output items by id.
+        """Resolve `item_reference`s: input/output items of this owner's live responses by id.
 
         When an id was stored more than once (a client resending earlier output as input),
-        the most recently stored copy wins.
+        the most recently stored live copy wins.
         """
         wanted = list(dict.fromkeys(item_ids))
+        now = time.time()
         found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(wanted), _IN_CHUNK):
             chunk = wanted[start : start + _IN_CHUNK]
@@ -503,18 +550,21 @@ class SQLiteStore:
             rows = await self._read(
                 "SELECT i.item_id, i.body FROM items AS i "
                 "JOIN responses AS r ON r.rid = i.response_rid "
-                f"WHERE i.item_id IN ({marks}) AND r.owner = ? ORDER BY i.rid",
-                (*chunk, owner),
+                f"WHERE i.item_id IN ({marks}) AND r.owner = ? "
+                "AND (r.expires_at IS NULL OR r.expires_at > ?) ORDER BY i.rid",
+                (*chunk, owner, now),
             )
             for item_id, body in rows:
                 found[item_id] = ujson.loads(body)
         return found
 
     async def purge_expired(self, now: float | None = None) -> int:
-        """Delete responses with `expires_at <= now` and their items; returns the count.
+        """Delete responses with `expires_at <= now` that no response continues from, and
+        their items; returns the count.
 
-        Works in batches of 500, each its own transaction, so other writers (in this and other
-        workers) get the lock in between.
+        Dead chains go leaf first, each batch (up to 500 rows, its own transaction, so other
+        writers in this and other workers get the lock in between) freeing the parents for the
+        next, until a batch finds nothing: one run leaves no expired response without a child.
         """
         cutoff = time.time() if now is None else now
         total = 0
@@ -525,7 +575,7 @@ class SQLiteStore:
 
             deleted = await self._write(batch)
             total += deleted
-            if deleted < _PURGE_BATCH:
+            if not deleted:
                 return total
             await asyncio.sleep(0)
 

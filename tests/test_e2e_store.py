@@ -588,6 +588,64 @@ async def test_expired_responses_are_purged_on_their_own(
     assert_previous_not_found(caught.value, created.id)
 
 
+async def test_an_expired_response_is_gone_before_the_purge(
+        sdk: Sdk, start_proxy: StartProxy, settings: Settings, mock: MockUpstream) -> None:
+    # The purge runs hourly here: what hides the response is the reads' own expiry check.
+    proxy = await start_proxy(dataclasses.replace(settings, store_ttl_seconds=0.1,
+                                                  purge_interval=3600))
+    client = sdk(proxy)
+    created = await client.responses.create(model="mock", input="short-lived")
+    db_path = proxy_db(proxy)
+    ((expires_at, input_id),) = rows(
+        db_path, "SELECT r.expires_at, i.item_id FROM responses r JOIN items i "
+        "ON i.response_rid = r.rid AND i.kind = 0 WHERE r.id = ?", (created.id,))
+    output_id = str(created.output[0].id)
+    await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.02)
+
+    for method, path in [("GET", f"/v1/responses/{created.id}"),
+                         ("GET", f"/v1/responses/{created.id}/input_items"),
+                         ("DELETE", f"/v1/responses/{created.id}")]:
+        error = api_error(*await http(proxy, method, path), 404)
+        assert error["code"] == "not_found", (method, path)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.responses.create(model="mock", input="x", previous_response_id=created.id)
+    assert_previous_not_found(caught.value, created.id)
+    for item_id in (input_id, output_id):
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.responses.create(
+                model="mock", input=[{"type": "item_reference", "id": item_id}])
+        assert (caught.value.param, caught.value.code) == ("input[0].id", "item_not_found")
+    assert len(mock.requests) == 1  # every refusal came before the upstream
+    assert rows(db_path, "SELECT count(*) FROM responses WHERE id = ?", (created.id,)) == [(1,)]
+
+
+async def test_a_live_continuation_keeps_its_expired_turns(
+        sdk: Sdk, start_proxy: StartProxy, settings: Settings, mock: MockUpstream) -> None:
+    # Two servers on one file: turns of a minute and of an hour. The purge is run as if two
+    # minutes had passed, so nothing here depends on how fast the machine is.
+    brief = await start_proxy(dataclasses.replace(settings, store_ttl_seconds=60,
+                                                  purge_interval=3600))
+    lasting = await start_proxy(dataclasses.replace(settings, store_ttl_seconds=3600,
+                                                    purge_interval=3600))
+    first = await sdk(brief).responses.create(model="mock", input="first")
+    second = await sdk(lasting).responses.create(model="mock", input="second",
+                                                 previous_response_id=first.id)
+    # A conversation nobody continues: it goes as a whole.
+    lone = await sdk(brief).responses.create(model="mock", input="lone")
+    await sdk(brief).responses.create(model="mock", input="lone again",
+                                      previous_response_id=lone.id)
+
+    store = await SQLiteStore.open(settings.db_path)
+    try:
+        assert await store.purge_expired(time.time() + 120) == 2
+    finally:
+        await store.close()
+    client = sdk(lasting)
+    await client.responses.create(model="mock", input="third", previous_response_id=second.id)
+    assert messages_of(mock) == [*echo("first"), *echo("second"), user("third")]
+    assert rows(settings.db_path, "SELECT count(*) FROM responses") == [(3,)]
+
+
 async def orp_proxy_cli(*args: str) -> Any:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "orp_proxy.cli", *args,

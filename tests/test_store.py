@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -138,9 +139,38 @@ async def test_migrations_are_idempotent(db_path: str) -> None:
     try:
         assert plain.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         tables = {row[0] for row in plain.execute("SELECT name FROM sqlite_master")}
-        assert {"meta", "responses", "items", "responses_walk", "items_by_id"} <= tables
+        assert {
+            "meta",
+            "responses",
+            "items",
+            "responses_walk",
+            "items_by_id",
+            "responses_children",
+        } <= tables
     finally:
         plain.close()
+
+
+async def test_migrates_a_version_1_database(db_path: str) -> None:
+    # A file as the first release left it, with one response in it.
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as plain:
+        for statement in store_module._MIGRATIONS[0]:
+            plain.execute(statement)
+        plain.execute("PRAGMA user_version = 1")
+        plain.execute(
+            "INSERT INTO responses (id, owner, created_at, status, response) "
+            "VALUES ('resp_old', ?, 1, 'completed', '{\"id\": \"resp_old\"}')",
+            (OWNER,),
+        )
+    opened = await SQLiteStore.open(db_path)
+    try:
+        assert (await opened.stats())["schema_version"] == SCHEMA_VERSION >= 2
+        assert await opened.get_response(OWNER, "resp_old") == {"id": "resp_old"}
+    finally:
+        await opened.close()
+    with closing(sqlite3.connect(db_path)) as plain:
+        indexes = {row[0] for row in plain.execute("SELECT name FROM sqlite_master")}
+    assert "responses_children" in indexes
 
 
 async def test_refuses_newer_schema(db_path: str) -> None:
@@ -446,7 +476,7 @@ async def test_purge_expired_in_batches(
 
     monkeypatch.setattr(store, "_write", counting)
     assert await store.purge_expired(now) == 23
-    assert transactions == 4  # 7 + 7 + 7 + 2
+    assert transactions == 5  # 7 + 7 + 7 + 2, then one that finds nothing more
     assert await store.purge_expired(now) == 0
     stats = await store.stats()
     assert stats["responses"] == 2 and stats["items"] == 4
@@ -457,6 +487,180 @@ async def test_purge_expired_in_batches(
 async def test_purge_uses_the_clock(store: SQLiteStore) -> None:
     await store.save_response(record("resp_1", OWNER, expires_at=time.time() - 1))
     assert await store.purge_expired() == 1
+
+
+async def test_expired_is_gone_before_the_purge(store: SQLiteStore) -> None:
+    now = time.time()
+    # The same item id in a live response and, stored later, in an expired one.
+    shared = assistant("shared, live copy", "shared")
+    await store.save_response(
+        record("resp_live", OWNER, inputs=[shared, user("q", "in_live")], expires_at=now + 3600)
+    )
+    stale = assistant("shared, expired copy", "shared")
+    await store.save_response(
+        record("resp_old", OWNER, inputs=[stale, user("q", "in_old")], expires_at=now - 1)
+    )
+
+    assert await store.get_response(OWNER, "resp_old") is None
+    assert await store.load_lineage(OWNER, "resp_old") is None
+    assert await store.list_input_items(OWNER, "resp_old") is None
+    assert await store.get_items(OWNER, ["in_old", "out_resp_old"]) == {}
+    assert await store.get_items(OWNER, ["shared"]) == {"shared": shared}
+    assert await store.delete_response(OWNER, "resp_old") is False
+    # Not purged, nor deleted by the refused DELETE: the reads themselves hide it.
+    assert (await store.stats())["responses"] == 2
+
+    assert await store.get_response(OWNER, "resp_live") is not None
+    assert texts(await store.load_lineage(OWNER, "resp_live")) == [
+        "shared, live copy",
+        "q",
+        "answer of resp_live",
+    ]
+    page = await store.list_input_items(OWNER, "resp_live")
+    assert page is not None and len(page.data) == 2
+    assert set(await store.get_items(OWNER, ["in_live", "out_resp_live"])) == {
+        "in_live",
+        "out_resp_live",
+    }
+    assert await store.delete_response(OWNER, "resp_live") is True
+
+
+async def test_live_descendant_keeps_its_expired_ancestors(store: SQLiteStore) -> None:
+    now = time.time()
+    await store.save_response(record("resp_1", OWNER, expires_at=now - 30))
+    await store.save_response(record("resp_2", OWNER, "resp_1", expires_at=now - 20))
+    await store.save_response(record("resp_3", OWNER, "resp_2", expires_at=now + 3600))
+    whole = [f"{kind} of resp_{n}" for n in (1, 2, 3) for kind in ("question", "answer")]
+
+    for _ in range(2):
+        assert texts(await store.load_lineage(OWNER, "resp_3")) == whole
+        assert await store.purge_expired() == 0
+    assert texts(await store.load_lineage(OWNER, "resp_3")) == whole
+    # Kept as context only: not addressable themselves.
+    assert await store.load_lineage(OWNER, "resp_2") is None
+    assert await store.get_response(OWNER, "resp_1") is None
+    assert await store.get_items(OWNER, ["in_resp_1", "out_resp_2"]) == {}
+
+    # Once the leaf expires too, the whole chain goes in one run.
+    assert await store.purge_expired(now + 7200) == 3
+    stats = await store.stats()
+    assert (stats["responses"], stats["items"]) == (0, 0)
+
+
+async def test_purge_removes_dead_chains_in_one_run_and_keeps_live_ones(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_PURGE_BATCH", 7)
+    now = 1_800_000_000.0
+    dead = 0
+
+    async def chain(prefix: str, length: int, leaf_expires: float | None) -> None:
+        nonlocal dead
+        for n in range(length):
+            expires = leaf_expires if n == length - 1 else now - 100 + n
+            prev = f"{prefix}{n - 1}" if n else None
+            await store.save_response(record(f"{prefix}{n}", OWNER, prev, expires_at=expires))
+            dead += prefix.startswith("dead")
+
+    await chain("dead_long", 40, now - 1)
+    await chain("live_", 12, now + 1)
+    await chain("forever_", 3, None)
+    # A dead tree: its branch point becomes a leaf once both branches are gone.
+    await chain("dead_tree", 3, now - 1)
+    await store.save_response(record("dead_branch", OWNER, "dead_tree0", expires_at=now - 1))
+    dead += 1
+    # Another owner's child does not keep a response (the lineage walk would not reach it).
+    await store.save_response(record("dead_lone", OWNER, expires_at=now - 1))
+    await store.save_response(record("other_child", OTHER, "dead_lone", expires_at=now + 1))
+    dead += 1
+
+    transactions = 0
+    original = store._write
+
+    async def counting(body: Any) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return await original(body)
+
+    monkeypatch.setattr(store, "_write", counting)
+    assert await store.purge_expired(now) == dead == 45
+    # A chain goes up to a batch at a time, not one transaction per turn.
+    assert transactions <= dead // 7 + 3
+    assert await store.purge_expired(now) == 0
+    assert (await store.stats())["responses"] == 12 + 3 + 1
+    lineage = texts(await store.load_lineage(OWNER, "live_11"))
+    assert lineage[:2] == ["question of live_0", "answer of live_0"] and len(lineage) == 24
+    assert await store.get_response(OTHER, "other_child") is not None
+
+
+async def test_a_live_leaf_keeps_only_its_own_branch(store: SQLiteStore) -> None:
+    now = time.time()
+    await store.save_response(record("resp_root", OWNER, expires_at=now - 50))
+    await store.save_response(record("resp_l1", OWNER, "resp_root", expires_at=now - 40))
+    await store.save_response(record("resp_l2", OWNER, "resp_l1", expires_at=now + 3600))
+    await store.save_response(record("resp_r1", OWNER, "resp_root", expires_at=now - 40))
+    await store.save_response(record("resp_r2", OWNER, "resp_r1", expires_at=now - 30))
+    failed = record("resp_r3", OWNER, "resp_r1", expires_at=now - 30)
+    failed.status = "failed"
+    await store.save_response(failed)
+    # A live middle turn that the user deletes leaves a gap, which frees what lies above it.
+    await store.save_response(record("resp_g1", OWNER, expires_at=now - 50))
+    await store.save_response(record("resp_g2", OWNER, "resp_g1", expires_at=now + 3600))
+    await store.save_response(record("resp_g3", OWNER, "resp_g2", expires_at=now + 3600))
+    assert await store.delete_response(OWNER, "resp_g2") is True
+
+    assert await store.purge_expired() == 4  # r1, r2, r3 and g1
+    assert texts(await store.load_lineage(OWNER, "resp_l2")) == [
+        f"{kind} of resp_{name}" for name in ("root", "l1", "l2") for kind in ("question", "answer")
+    ]
+    assert texts(await store.load_lineage(OWNER, "resp_g3")) == [
+        "question of resp_g3",
+        "answer of resp_g3",
+    ]
+    stats = await store.stats()
+    assert (stats["responses"], stats["items"]) == (4, 8)  # root, l1, l2, g3
+
+
+@pytest.mark.parametrize("batch", [3, 60])  # mostly dead leaves / mostly the walk upwards
+@pytest.mark.parametrize("seed", range(3))
+async def test_purge_keeps_exactly_the_ancestors_of_live_responses(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch, seed: int, batch: int
+) -> None:
+    # Random forests against the rule itself: after one purge run, what remains is every live
+    # response and every expired one with a live descendant, nothing else.
+    monkeypatch.setattr(store_module, "_PURGE_BATCH", batch)
+    rng = random.Random(seed)
+    now = 1_800_000_000.0
+    parents: dict[str, str | None] = {}
+    live: set[str] = set()
+    for n in range(150):
+        name = f"resp_{n}"
+        parent = rng.choice([None, *parents]) if parents and rng.random() < 0.85 else None
+        if parent is not None and rng.random() < 0.6:
+            parent = f"resp_{n - 1}"  # mostly long chains, as conversations are
+        alive = rng.random() < 0.15
+        await store.save_response(
+            record(name, OWNER, parent, expires_at=now + 1 if alive else now - 1)
+        )
+        parents[name] = parent
+        live |= {name} if alive else set()
+
+    kept = set()
+    for name in live:
+        node: str | None = name
+        while node is not None and node not in kept:
+            kept.add(node)
+            node = parents[node]
+    assert await store.purge_expired(now) == len(parents) - len(kept)
+    remaining = {row[0] for row in await store._read("SELECT id FROM responses")}
+    assert remaining == kept
+
+
+async def test_purge_finds_children_through_an_index(store: SQLiteStore) -> None:
+    plan = await store._read("EXPLAIN QUERY PLAN " + store_module._PURGE_SQL, (0.0, 1))
+    details = [row[-1] for row in plan]
+    children = [d for d in details if "SEARCH c " in d]
+    assert len(children) == 2 and all("INDEX responses_children" in d for d in children), details
 
 
 async def test_save_is_shielded_from_cancellation(db_path: str) -> None:
