@@ -826,3 +826,36 @@ def test_several_processes_never_see_locked(tmp_path: Path) -> None:
         assert plain.execute("SELECT value FROM meta WHERE key = 'counter'").fetchone()[0] == "600"
     finally:
         plain.close()
+
+
+async def test_a_failed_save_rolls_back_and_the_next_one_works(store: SQLiteStore) -> None:
+    bad = record("resp_bad", OWNER)
+    bad.previous_response_id = ["not", "a", "string"]  # type: ignore[assignment]
+    with pytest.raises(sqlite3.Error):
+        await store.save_response(bad)
+    assert await store.get_response(OWNER, "resp_bad") is None
+    await store.save_response(record("resp_good", OWNER))  # no transaction left open
+    assert await store.get_response(OWNER, "resp_good") is not None
+
+
+async def test_concurrent_saves_share_transactions_and_a_bad_one_fails_alone(
+    store: SQLiteStore,
+) -> None:
+    begins: list[str] = []
+    await store._db.set_trace_callback(
+        lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None)
+    good = [record(f"resp_{i}", OWNER) for i in range(50)]
+    bad = record("resp_bad", OWNER)
+    bad.previous_response_id = ["not", "a", "string"]  # type: ignore[assignment]
+    results = await asyncio.gather(*(store.save_response(r) for r in good[:25]),
+                                   store.save_response(bad),
+                                   *(store.save_response(r) for r in good[25:]),
+                                   return_exceptions=True)
+    await store._db.set_trace_callback(None)
+    assert isinstance(results[25], sqlite3.Error)
+    assert [r for i, r in enumerate(results) if i != 25] == [None] * 50
+    for rec in good:
+        assert await store.get_response(OWNER, rec.id) is not None
+    assert await store.get_response(OWNER, "resp_bad") is None
+    # Group commit: 51 saves queued together need far fewer than 51 transactions.
+    assert 1 <= len(begins) <= 3, begins
