@@ -88,7 +88,9 @@ def _serve(settings: Settings) -> None:
     logging.getLogger("orp").info("settings: %s", settings.redacted())
     configure_access_logging()  # bare JSON lines on stderr, next to the other logs
     # run_app runs the loop until SIGINT/SIGTERM, shuts the app down, then closes the loop.
-    web.run_app(build_app(settings), host=settings.host, port=settings.port,
+    # backlog as gunicorn's default: a burst of connects beyond aiohttp's 128 would otherwise
+    # wait for SYN retransmits (1 s, 3 s, 7 s, ...) before ORP even sees them.
+    web.run_app(build_app(settings), host=settings.host, port=settings.port, backlog=2048,
                 handler_cancellation=True, loop=loop, access_log=None,
                 keepalive_timeout=settings.keepalive_timeout,
                 shutdown_timeout=settings.graceful_timeout,

@@ -894,7 +894,7 @@ async def start_mock_upstream(
     mock = MockUpstream(interval_ms=interval_ms, bench_tokens=bench_tokens)
     runner = web.AppRunner(mock.app(), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, backlog=2048)  # bursts of 1000 connects in benches
     await site.start()
     bound_port = runner.addresses[0][1]
     shown = f"[{host}]" if ":" in host else host
