@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,82 +33,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
+try:
+    import procs  # run as a script: its folder is on sys.path
+except ImportError:  # imported as scripts.bench
+    from scripts import procs
+
 TOKENS = 256
 
 
 # -- processes ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (not its children), from the kernel's own accounting."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited early with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open")
-
-
-@contextlib.contextmanager
-def process(args: list[str], port: int, env: dict[str, str] | None = None
-            ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, proc)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextlib.contextmanager
 def mock_upstream(interval_ms: float) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    args = [sys.executable, str(ROOT / "scripts" / "mock_upstream.py"), "--port", str(port),
-            "--interval-ms", str(interval_ms), "--bench-tokens", str(TOKENS)]
-    with process(args, port) as proc:
-        yield f"http://127.0.0.1:{port}/v1", proc.pid
+    """The mock upstream pacing `interval_ms`, a bench model answering `TOKENS` tokens."""
+    with tempfile.TemporaryDirectory(prefix="orp-bench-mock-") as home, \
+            procs.mock_upstream(Path(home), "--interval-ms", str(interval_ms),
+                                "--bench-tokens", str(TOKENS)) as (url, proc):
+        yield url, proc.pid
 
 
 @contextlib.contextmanager
 def orp(upstream: str, db: str) -> Iterator[tuple[str, int]]:
-    port = free_port()
+    """`orp-proxy serve` (one process, no gateway keys), output discarded."""
+    port = procs.free_port()
     args = [sys.executable, "-m", "orp_proxy.cli", "serve", "--port", str(port),
             "--upstream-url", upstream, "--db-path", db, "--log-level", "warning"]
-    env = {"PYTHONPATH": str(ROOT), "ORP_AUTH_MODE": "none"}
-    with process(args, port, env) as proc:
-        yield f"http://127.0.0.1:{port}/v1", proc.pid
+    proc = subprocess.Popen(args, env=procs.clean_env(ORP_AUTH_MODE="none"), cwd=procs.ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    with procs.running(proc, sig=signal.SIGINT):
+        procs.wait_port(port, proc)
+        yield f"http://{procs.HOST}:{port}/v1", proc.pid
 
 
 # -- load generation (runs in separate processes) -----------------------------------------
@@ -150,7 +105,6 @@ async def _load(spec: LoadSpec) -> LoadResult:
     elif spec.kind == "responses":
         body["stream"] = True
     marker = b'"content":' if spec.kind == "chat" else b"event: response.output_text.delta"
-    ending = b"[DONE]" if spec.kind != "responses-json" else b'"status":'
     remaining = spec.requests
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=spec.timeout)
@@ -166,11 +120,16 @@ async def _load(spec: LoadSpec) -> LoadResult:
                     result.ttfe.append(time.perf_counter() - started)
                     rest = await resp.read()
                     data = first + rest
-                    if resp.status != 200 or ending not in data[-300:]:
+                    if resp.status != 200:
                         raise RuntimeError(f"HTTP {resp.status}: {data[-200:]!r}")
                     if spec.kind == "responses-json":
-                        result.tokens += json.loads(data)["usage"]["output_tokens"]
+                        answer = json.loads(data)
+                        if answer["status"] not in ("completed", "incomplete"):
+                            raise RuntimeError(f"response {answer['status']}")
+                        result.tokens += answer["usage"]["output_tokens"]
                     else:
+                        if b"[DONE]" not in data[-300:]:
+                            raise RuntimeError(f"stream did not end: {data[-200:]!r}")
                         result.tokens += data.count(marker) - (1 if spec.kind == "chat" else 0)
                     result.ok += 1
             except Exception as exc:  # counted and sampled, never fatal
@@ -226,9 +185,9 @@ def pct(values: list[float], q: float) -> float | None:
 def measured(url: str, kind: str, concurrency: int, requests: int, body: dict[str, Any],
              pids: dict[str, int], processes: int = 1) -> dict[str, Any]:
     """One workload: load result plus CPU seconds of each named process during it."""
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    before = {name: procs.cpu_seconds(pid) for name, pid in pids.items()}
     result = run_load(url, kind, concurrency, requests, body, processes)
-    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    cpu = {name: procs.cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     tokens = max(result.tokens, 1)
     out: dict[str, Any] = {
         "kind": kind, "concurrency": concurrency, "requests": requests, "ok": result.ok,
@@ -329,7 +288,7 @@ def section_memory(scale: float, target: str | None, target_pid: int | None
             _gateway(up_url, tmp, target, target_pid) as (gw_url, gw_pid):
         run_load(gw_url, "responses", 20, 40, BENCH_BODY)  # warm up allocator and pools
         time.sleep(1.0)
-        idle = rss_bytes(gw_pid)
+        idle = procs.rss_kb(gw_pid) * 1024
         ctx = multiprocessing.get_context("spawn")
         pool = ctx.Pool(2)
         samples: list[tuple[float, int]] = []
@@ -338,7 +297,7 @@ def section_memory(scale: float, target: str | None, target_pid: int | None
             pending = pool.map_async(_load_entry, [
                 LoadSpec(gw_url, "responses", streams // 2, streams // 2, BENCH_BODY)] * 2)
             while not pending.ready() and time.monotonic() - started < 90:
-                samples.append((time.monotonic() - started, rss_bytes(gw_pid)))
+                samples.append((time.monotonic() - started, procs.rss_kb(gw_pid) * 1024))
                 time.sleep(0.1)
             results = pending.get(timeout=120)
         finally:
@@ -366,17 +325,17 @@ def section_store(scale: float) -> dict[str, Any]:
     with mock_upstream(0.0) as (up_url, _), tempfile.TemporaryDirectory() as tmp, \
             orp(up_url, os.path.join(tmp, "bench.sqlite3")) as (gw_url, gw_pid):
         short = {"model": "bench", "input": "x", "max_output_tokens": 16}
-        requests = int(600 * scale)
         pids = {"proxy": gw_pid}
         measured(gw_url, "responses", 10, 100, dict(short, store=True), pids)  # warm-up
-        for store in (False, True, False, True):  # interleaved: noise hits both alike
-            row = measured(gw_url, "responses", 10, requests, dict(short, store=store), pids)
-            out.setdefault(f"store_{str(store).lower()}", []).append(
-                row["proxy_cpu_us_per_request"])
-        for key in ("store_false", "store_true"):
-            out[key] = round(statistics.mean(out[key]), 1)
-        out["store_overhead_pct"] = round(
-            (out["store_true"] / out["store_false"] - 1) * 100, 1)
+        for label, body, requests in (("16_tokens", short, int(1200 * scale)),
+                                      ("256_tokens", dict(BENCH_BODY), int(600 * scale))):
+            cost: dict[str, list[float]] = {"false": [], "true": []}
+            for store in (False, True, False, True):  # interleaved: noise hits both alike
+                row = measured(gw_url, "responses", 10, requests, dict(body, store=store), pids)
+                cost[str(store).lower()].append(row["proxy_cpu_us_per_request"])
+            false, true = statistics.mean(cost["false"]), statistics.mean(cost["true"])
+            out[label] = {"store_false_us": round(false, 1), "store_true_us": round(true, 1),
+                          "store_overhead_pct": round((true / false - 1) * 100, 1)}
         _print("store", out)
 
         def post(body: dict[str, Any]) -> dict[str, Any]:
@@ -393,13 +352,14 @@ def section_store(scale: float) -> dict[str, Any]:
                 previous = post(dict(short, previous_response_id=previous))["id"]
                 depth += 1
             body = dict(short, previous_response_id=previous, store=False)
-            before = cpu_seconds(gw_pid)
+            before = procs.cpu_seconds(gw_pid)
             started = time.perf_counter()
             n = 20
             for _ in range(n):
                 post(body)
+            spent = procs.cpu_seconds(gw_pid) - before
             replay[str(target_depth)] = {
-                "proxy_cpu_ms_per_request": round((cpu_seconds(gw_pid) - before) / n * 1000, 2),
+                "proxy_cpu_ms_per_request": round(spent / n * 1000, 2),
                 "wall_ms_per_request": round((time.perf_counter() - started) / n * 1000, 2)}
         out["replay"] = replay
         _print("replay", replay)

@@ -27,9 +27,6 @@ import contextlib
 import json
 import os
 import random
-import re
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -44,8 +41,12 @@ from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"  # loopback only, by design
+try:
+    import procs  # run as a script: its folder is on sys.path
+except ImportError:  # imported by the tests as scripts.soak
+    from scripts import procs
+
+HOST = procs.HOST
 MAX_SECONDS = 3600.0
 MAX_CONCURRENCY = 500
 START_TIMEOUT = 60.0
@@ -55,66 +56,6 @@ WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel
 
 
 # -- processes --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ORP_", "GUNICORN", "PROMETHEUS_MULTIPROC"))}
-    env["HOME"] = str(home)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group; SIGKILL whatever is left after 15 s."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(5)
-
-
-def wait_for_line(path: Path, pattern: str, process: subprocess.Popen[bytes]) -> re.Match[str]:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        found = re.search(pattern, text)
-        if found:
-            return found
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{process.args!r} did not start:\n{text[-4000:]}")
-        time.sleep(0.05)
-
-
-def children(pid: int) -> list[int]:
-    """PIDs whose parent is `pid` (gunicorn's workers), from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: fields follow the last ')'.
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return sorted(found)
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -134,15 +75,11 @@ def proc_usage(pid: int) -> Usage | None:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):  # closed while we looked
                 targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        status = Path(f"/proc/{pid}/status").read_text()
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        rss_kb, cpu = procs.rss_kb(pid), procs.cpu_seconds(pid)
     except OSError:
         return None
     sockets = sum(t.startswith("socket:") for t in targets)
-    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-    fields = stat[stat.rindex(")") + 2:].split()
-    cpu = (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
-    return Usage(len(targets) - sockets, sockets, int(found.group(1)) if found else 0, cpu)
+    return Usage(len(targets) - sockets, sockets, rss_kb, cpu)
 
 
 @dataclass
@@ -156,65 +93,48 @@ class Stack:
     workers: int
 
     def worker_pids(self) -> list[int]:
-        return children(self.master.pid)
+        return procs.children(self.master.pid)
 
 
 def _wait_until_serving(url: str, master: subprocess.Popen[bytes], workers: int,
                         log: Path) -> None:
     """Until every worker is up and /livez answers 200."""
-    deadline = time.monotonic() + START_TIMEOUT
     health = url.removesuffix("/v1") + "/livez"
-    while True:
-        if master.poll() is not None:
-            raise RuntimeError(f"gunicorn exited:\n{log.read_text(errors='replace')[-4000:]}")
-        if len(children(master.pid)) >= workers:
-            try:
-                with urllib.request.urlopen(health, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"ORP did not come up:\n{log.read_text(errors='replace')[-4000:]}")
-        time.sleep(0.1)
+
+    def serving() -> bool | None:
+        if len(procs.children(master.pid)) < workers:
+            return None
+        try:
+            with urllib.request.urlopen(health, timeout=2) as resp:
+                return True if resp.status == 200 else None
+        except OSError:
+            return None
+
+    procs.wait_until(serving, master, what=f"{workers} workers and /livez 200",
+                     output=lambda: log.read_text(errors="replace"), timeout=START_TIMEOUT,
+                     every=0.1)
 
 
 @contextlib.contextmanager
 def running_stack(workdir: Path, *, workers: int = 2, interval_ms: float = 10.0,
                   keys: tuple[str, ...] = KEYS) -> Iterator[Stack]:
     """Start the mock upstream and gunicorn (gateway-key auth, store in `workdir`)."""
-    mock_log = workdir / "mock.log"
-    with mock_log.open("wb") as out:
-        mock = subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "mock_upstream.py"), "--host", HOST,
-             "--port", "0", "--interval-ms", str(interval_ms)],
-            stdout=out, stderr=subprocess.STDOUT, env=clean_env(workdir), cwd=workdir,
-            start_new_session=True)
-    master: subprocess.Popen[bytes] | None = None
-    try:
-        upstream = wait_for_line(mock_log, r"listening on (http://\S+)", mock).group(1)
-        port = free_port()
+    with procs.mock_upstream(workdir, "--host", HOST, "--interval-ms", str(interval_ms),
+                             timeout=START_TIMEOUT) as (upstream, _):
+        port = procs.free_port(HOST)
         db_path = workdir / "orp.sqlite3"
         log = workdir / "gunicorn.log"
-        env = clean_env(workdir, ORP_UPSTREAM_URL=upstream, ORP_DB_PATH=str(db_path),
-                        ORP_AUTH_MODE="keys", ORP_API_KEYS=",".join(keys),
-                        ORP_HOST=HOST, ORP_PORT=str(port), ORP_WORKERS=str(workers),
-                        ORP_LOG_LEVEL="warning", ORP_UPSTREAM_RETRIES="0",
-                        PROMETHEUS_MULTIPROC_DIR=str(workdir / "metrics"))
+        env = procs.clean_env(
+            workdir, ORP_UPSTREAM_URL=upstream, ORP_DB_PATH=str(db_path), ORP_AUTH_MODE="keys",
+            ORP_API_KEYS=",".join(keys), ORP_HOST=HOST, ORP_PORT=str(port),
+            ORP_WORKERS=str(workers), ORP_LOG_LEVEL="warning", ORP_UPSTREAM_RETRIES="0",
+            PROMETHEUS_MULTIPROC_DIR=str(workdir / "metrics"))
         (workdir / "metrics").mkdir(exist_ok=True)
-        with log.open("wb") as out:
-            master = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "python:orp_proxy.gunicorn_conf",
-                 "orp_proxy.app:create_app"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-                start_new_session=True)
-        url = f"http://{HOST}:{port}/v1"
-        _wait_until_serving(url, master, workers, log)
-        yield Stack(url, master, db_path, log, workers)
-    finally:
-        if master is not None:
-            stop(master)
-        stop(mock)
+        with procs.gunicorn(workdir, env, *procs.GUNICORN_CONF, "orp_proxy.app:create_app",
+                            stdout=log) as master:
+            url = f"http://{HOST}:{port}/v1"
+            _wait_until_serving(url, master, workers, log)
+            yield Stack(url, master, db_path, log, workers)
 
 
 def integrity_check(db_path: Path) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from orp_proxy import auth as auth_module
 from orp_proxy.auth import Authenticator, load_api_keys
 from orp_proxy.config import ConfigError, Settings, load_settings
 from orp_proxy.mock_upstream import MockUpstream, Scenario
+from scripts import procs
 from tests.conftest import Proxy
 from tests.test_e2e_http import error_of
 
@@ -322,8 +322,7 @@ def test_every_key_is_compared_whatever_matches(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_serve_refuses_to_start_open_with_a_real_upstream(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORP_")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env = procs.clean_env(tmp_path)
     done = subprocess.run(
         [sys.executable, "-m", "orp_proxy.cli", "serve", "--port", "1",
          "--upstream-url", "http://127.0.0.1:9/v1", "--db-path", str(tmp_path / "x.db")],

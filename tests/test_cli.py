@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +14,9 @@ import pytest
 
 from orp_proxy.cli import build_parser, main
 from orp_proxy.config import SETTINGS, ConfigError, load_settings
+from scripts import procs
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_help_documents_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,26 +63,16 @@ def test_upstream_key_from_systemd_credential(tmp_path: Path) -> None:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """`orp-proxy serve` with no upstream configured: the README's first command."""
-    port = free_port()
+    port = procs.free_port()
     db = tmp_path / "orp.sqlite3"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORP_")}
-    env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen(
         [sys.executable, "-m", "orp_proxy.cli", "serve", "--port", str(port),
          "--db-path", str(db)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.1)
-    try:
-        yield url, db
-    finally:
+        cwd=tmp_path, env=procs.clean_env(tmp_path), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with procs.running(proc):  # killed if it does not come up or does not stop
+        procs.wait_port(port, proc, timeout=20)
+        yield f"http://127.0.0.1:{port}", db
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0, out

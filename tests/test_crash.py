@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import random
 import signal
@@ -21,31 +20,19 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from scripts import soak
+
 CLIENTS = 40
 KILLS = 3
 SECONDS = 9.0
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="gunicorn workers found through /proc")
-
-
-def _soak() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("orp_soak", ROOT / "scripts" / "soak.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _soak()
 
 
 async def load_with_kills(stack: Any) -> dict[str, Any]:

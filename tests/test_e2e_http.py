@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from orp_proxy.mock_upstream import (
     tool_call_chunks,
     usage_dict,
 )
+from scripts import procs
 from tests.conftest import Proxy
 
 StartProxy = Callable[[Settings], Awaitable[Proxy]]
@@ -244,14 +244,8 @@ async def test_upstream_wrong_content_type(proxy: Proxy, mock: MockUpstream) -> 
     assert status == 502 and error_of(status, data)["code"] == "upstream_bad_response"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_connection_refused_is_502(start_proxy: StartProxy, settings: Settings) -> None:
-    dead = f"http://127.0.0.1:{free_port()}/v1"
+    dead = f"http://127.0.0.1:{procs.free_port()}/v1"
     proxy = await start_proxy(dataclasses.replace(settings, upstream_url=dead))
     status, _, data = await proxy.post({"model": "m", "input": "x", "stream": True})
     assert status == 502 and error_of(status, data)["code"] == "upstream_unavailable"

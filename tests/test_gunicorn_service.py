@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -34,51 +32,13 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from orp_proxy.mock_upstream import MockUpstream, Scenario, start_mock_upstream, text_chunks
+from scripts import procs
 from tests.sse_check import parse_sse
 
-REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT = 30.0
 SECRET_CLIENT_KEY = "sk-secret-xyz"
 SECRET_UPSTREAM_KEY = "sk-upstream-key-998877"
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gunicorn needs a POSIX system")
-
-
-def _env(home: Path, **settings: str) -> dict[str, str]:
-    dropped = ("ORP_", "GUNICORN", "PROMETHEUS_", "WEB_CONCURRENCY", "RUNTIME_DIRECTORY",
-               "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
-    env["HOME"] = str(home)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(settings)
-    return env
-
-
-def _wait_for_line(path: Path, pattern: str, process: subprocess.Popen[bytes]) -> re.Match[str]:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        found = re.search(pattern, text)
-        if found:
-            return found
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}:\n{text}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {pattern!r} within {START_TIMEOUT}s:\n{text}")
-        time.sleep(0.05)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM our process group, SIGKILL it after 15 s; also reaps orphaned workers."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(5)
 
 
 @dataclass
@@ -95,13 +55,22 @@ class Service:
         assert all(line["type"] == "access" for line in lines)
         return lines
 
+    async def access_line(self, request_id: str) -> dict[str, Any]:
+        """The one access record of `request_id`, waiting a moment for it to be written."""
+        deadline = time.monotonic() + 5
+        while not (found := [x for x in self.access_lines() if x["request_id"] == request_id]):
+            assert time.monotonic() < deadline, self.logs()
+            await asyncio.sleep(0.05)
+        (line,) = found
+        return line
+
     def logs(self) -> str:
         return self.stdout.read_text(errors="replace") + self.stderr.read_text(errors="replace")
 
     async def wait_ready(self, workers: int = 2) -> None:
         """Until /readyz has answered 200 from `workers` different worker processes."""
         seen: set[int] = set()
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + procs.START_TIMEOUT
         async with aiohttp.ClientSession() as session:
             while len(seen) < workers:
                 assert self.process.poll() is None, self.logs()
@@ -114,28 +83,24 @@ class Service:
                 await asyncio.sleep(0.05)
 
 
-def start_service(home: Path, upstream_url: str, **settings: str) -> Service:
+@contextlib.contextmanager
+def running_service(home: Path, upstream_url: str, **settings: str) -> Iterator[Service]:
+    """gunicorn with the shipped config, 2 workers; stopped (SIGTERM, then SIGKILL) at the end."""
     home.mkdir(parents=True, exist_ok=True)
     metrics_dir = home / "metrics"
     metrics_dir.mkdir(exist_ok=True)
     (metrics_dir / "counter_999999.db").write_bytes(b"stale samples of an earlier run")
-    env = _env(home, ORP_UPSTREAM_URL=upstream_url, ORP_HOST="127.0.0.1", ORP_PORT="0",
-               ORP_WORKERS="2", ORP_DB_PATH=str(home / "orp.sqlite3"), ORP_AUTH_MODE="none",
-               ORP_UPSTREAM_RETRIES="0", ORP_GRACEFUL_TIMEOUT="30",
-               ORP_UPSTREAM_PROBE_INTERVAL="0.5", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
-               **settings)
+    env = procs.clean_env(
+        home, ORP_UPSTREAM_URL=upstream_url, ORP_HOST="127.0.0.1", ORP_PORT="0",
+        ORP_WORKERS="2", ORP_DB_PATH=str(home / "orp.sqlite3"), ORP_AUTH_MODE="none",
+        ORP_UPSTREAM_RETRIES="0", ORP_GRACEFUL_TIMEOUT="30", ORP_UPSTREAM_PROBE_INTERVAL="0.5",
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), **settings)
     stdout, stderr = home / "stdout.log", home / "stderr.log"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "python:orp_proxy.gunicorn_conf"],
-            stdout=out, stderr=err, env=env, cwd=home, start_new_session=True)
-    try:
-        listening = _wait_for_line(stderr, r"Listening at: (http://\S+)", process)
-    except BaseException:
-        _stop(process)
-        raise
-    assert not (metrics_dir / "counter_999999.db").exists(), "metrics dir not wiped at start"
-    return Service(process, listening.group(1), stdout, stderr, home)
+    with procs.gunicorn(home, env, *procs.GUNICORN_CONF, stdout=stdout,
+                        stderr=stderr) as process:
+        listening = procs.wait_for_line(stderr, procs.GUNICORN_LISTENING, process)
+        assert not (metrics_dir / "counter_999999.db").exists(), "metrics dir not wiped at start"
+        yield Service(process, listening.group(1), stdout, stderr, home)
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
@@ -168,28 +133,16 @@ def mock_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`scripts/mock_upstream.py` as its own process, pacing default streams at 20 ms (a
     `bench*` model answers 100 tokens: two seconds)."""
     home = tmp_path_factory.mktemp("mock")
-    log = home / "mock.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "scripts" / "mock_upstream.py"), "--port", "0",
-             "--interval-ms", "20", "--bench-tokens", "100"],
-            stdout=out, stderr=subprocess.STDOUT, env=_env(home), cwd=home,
-            start_new_session=True)
-    try:
-        yield _wait_for_line(log, r"listening on (http://\S+)", process).group(1)
-    finally:
-        _stop(process)
+    with procs.mock_upstream(home, "--interval-ms", "20", "--bench-tokens", "100") as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
 def service(mock_upstream: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     home = tmp_path_factory.mktemp("gunicorn")
-    started = start_service(home, mock_upstream, ORP_UPSTREAM_API_KEY=SECRET_UPSTREAM_KEY,
-                            ORP_DRAIN_FILE=str(home / "drain"))
-    try:
+    with running_service(home, mock_upstream, ORP_UPSTREAM_API_KEY=SECRET_UPSTREAM_KEY,
+                         ORP_DRAIN_FILE=str(home / "drain")) as started:
         yield started
-    finally:
-        _stop(started.process)
 
 
 @pytest.fixture
@@ -250,11 +203,7 @@ async def test_access_log_is_json_without_secrets(service: Service,
         {"Authorization": f"Bearer {SECRET_CLIENT_KEY}", "X-Request-Id": "rid-gunicorn-1"})
     assert status == 200 and headers["X-Request-Id"] == "rid-gunicorn-1"
     assert parse_sse(raw)[1]
-    deadline = time.monotonic() + 5
-    while not [x for x in service.access_lines() if x["request_id"] == "rid-gunicorn-1"]:
-        assert time.monotonic() < deadline, service.logs()
-        await asyncio.sleep(0.05)
-    (line,) = [x for x in service.access_lines() if x["request_id"] == "rid-gunicorn-1"]
+    line = await service.access_line("rid-gunicorn-1")
     assert (line["status"], line["stream"], line["model"], line["outcome"]) == (
         200, True, "mock", "completed")
     assert line["input_tokens"] > 0 and line["output_tokens"] > 0 and line["ttft_ms"] >= 0
@@ -291,8 +240,7 @@ async def test_drain_file_turns_every_worker_unready(service: Service,
 
 async def test_sigterm_lets_a_long_stream_finish(mock_upstream: str, tmp_path: Path,
                                                  session: aiohttp.ClientSession) -> None:
-    service = start_service(tmp_path / "sigterm", mock_upstream)
-    try:
+    with running_service(tmp_path / "sigterm", mock_upstream) as service:
         await service.wait_ready()
         body = {"model": "bench-sigterm", "input": "go", "stream": True}
         async with session.post(service.url + "/v1/responses", json=body) as resp:
@@ -312,8 +260,6 @@ async def test_sigterm_lets_a_long_stream_finish(mock_upstream: str, tmp_path: P
         assert "SIGTERM: draining" in logs and "Shutting down: Master" in logs
         with pytest.raises(aiohttp.ClientConnectionError):
             await get(session, service.url + "/livez")
-    finally:
-        _stop(service.process)
 
 
 @pytest.fixture
@@ -331,8 +277,7 @@ async def test_client_disconnect_closes_the_upstream_within_100ms(
         session: aiohttp.ClientSession) -> None:
     mock, url = local_mock
     # No keep-alive writes: only handler cancellation can notice the client leaving.
-    service = start_service(tmp_path / "disconnect", url, ORP_SSE_KEEPALIVE="0")
-    try:
+    with running_service(tmp_path / "disconnect", url, ORP_SSE_KEEPALIVE="0") as service:
         await service.wait_ready()
         # One token, then the upstream says nothing until its client goes away.
         mock.enqueue(Scenario(chunks=text_chunks(["one", " two"]), stall_after=2))
@@ -345,12 +290,6 @@ async def test_client_disconnect_closes_the_upstream_within_100ms(
         resp.close()
         seen = await mock.wait_for_disconnect(timeout=5.0)
         assert seen - left < 0.1, f"upstream closed {seen - left:.3f}s after the client left"
-        deadline = time.monotonic() + 5
-        while not [x for x in service.access_lines() if x["request_id"] == "rid-leaves"]:
-            assert time.monotonic() < deadline, service.logs()
-            await asyncio.sleep(0.05)
-        (line,) = [x for x in service.access_lines() if x["request_id"] == "rid-leaves"]
+        line = await service.access_line("rid-leaves")
         assert line["status"] == 499, line
         assert line["incomplete_reason"] == "client_disconnected", line
-    finally:
-        _stop(service.process)

@@ -34,11 +34,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from scripts import procs
+
 TURNS = int(os.environ.get("ORP_TEST_CHAIN_TURNS", "50"))
 CONCURRENT = int(os.environ.get("ORP_TEST_CHAINS", "4"))
 WORKERS = int(os.environ.get("ORP_TEST_WORKERS", "2"))
-START_TIMEOUT = 30.0
 # Both chain tests together take a few seconds; this bound only stops a hang.
 CHAIN_TIMEOUT = 180.0
 
@@ -51,61 +51,6 @@ CHAIN_NAMES = ["solo", *(f"c{i}" for i in range(CONCURRENT))]
 def _key(name: str) -> str:
     """Each chain has its own gateway key, so each is its own owner in the store."""
     return f"sk-orp-test-{name}-0123456789abcdef"
-
-
-def _wait_for_line(path: Path, pattern: str, process: subprocess.Popen[bytes],
-                   count: int = 1) -> list[re.Match[str]]:
-    """The first `count` matches of `pattern` in the log at `path`, waiting for them."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        found = list(re.finditer(pattern, text))
-        if len(found) >= count:
-            return found[:count]
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}:\n{text}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {pattern!r} within {START_TIMEOUT}s:\n{text}")
-        time.sleep(0.05)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group we created; SIGKILL it if it is not gone in 10 s."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(10)
-    # Also reaps workers a killed master would leave behind.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(5)
-
-
-def _clean_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORP_", "GUNICORN"))}
-    env["HOME"] = str(home)  # gunicorn >= 25.1 puts its control socket under $HOME
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-@contextlib.contextmanager
-def _mock_process(home: Path, *options: str) -> Iterator[str]:
-    """The mock upstream as its own process (as in a deployment); yields its base URL."""
-    log = home / "mock.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "scripts" / "mock_upstream.py"), "--port", "0",
-             *options],
-            stdout=out, stderr=subprocess.STDOUT, env=_clean_env(home), cwd=home,
-            start_new_session=True)
-    try:
-        (match,) = _wait_for_line(log, r"listening on (http://\S+)", process)
-        yield match.group(1)
-    finally:
-        _stop(process)
 
 
 @dataclass
@@ -135,8 +80,8 @@ def _control_socket_flag() -> list[str]:
 def _gunicorn_process(home: Path, upstream_url: str) -> Iterator[Gunicorn]:
     db_path = str(home / "orp.sqlite3")
     log = home / "gunicorn.log"
-    command = [
-        sys.executable, "-m", "gunicorn", "orp_proxy.app:create_app",
+    arguments = [
+        "orp_proxy.app:create_app",
         "-k", "aiohttp.GunicornUVLoopWebWorker", "-w", str(WORKERS), "-b", "127.0.0.1:0",
         "--graceful-timeout", "5", "--timeout", "60", "--keep-alive", "30",
         "--access-logfile", "-",
@@ -145,53 +90,52 @@ def _gunicorn_process(home: Path, upstream_url: str) -> Iterator[Gunicorn]:
         *_control_socket_flag(),
     ]
     # Gateway keys, one per chain: each chain is its own owner in the store.
-    env = _clean_env(home, ORP_UPSTREAM_URL=upstream_url, ORP_DB_PATH=db_path,
-                     ORP_STORE_TTL_SECONDS="0", ORP_AUTH_MODE="keys",
-                     ORP_API_KEYS=",".join(_key(name) for name in CHAIN_NAMES))
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   cwd=home, start_new_session=True)
-    try:
-        (listening,) = _wait_for_line(log, r"Listening at: (http://\S+)", process)
-        booted = _wait_for_line(log, r"Booting worker with pid: (\d+)", process, count=WORKERS)
+    env = procs.clean_env(home, ORP_UPSTREAM_URL=upstream_url, ORP_DB_PATH=db_path,
+                          ORP_STORE_TTL_SECONDS="0", ORP_AUTH_MODE="keys",
+                          ORP_API_KEYS=",".join(_key(name) for name in CHAIN_NAMES))
+    with procs.gunicorn(home, env, *arguments, stdout=log, grace=10) as process:
+        listening = procs.wait_for_line(log, procs.GUNICORN_LISTENING, process)
+        booted = procs.wait_for_lines(log, r"Booting worker with pid: (\d+)", process,
+                                      count=WORKERS)
         yield Gunicorn(url=listening.group(1), db_path=db_path, log=log,
                        worker_pids={int(m.group(1)) for m in booted})
-    finally:
-        _stop(process)
 
 
 @pytest.fixture(scope="module")
 def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     """gunicorn in front of an unpaced mock: the store is the bottleneck."""
     home = tmp_path_factory.mktemp("gunicorn")
-    with _mock_process(home) as upstream, _gunicorn_process(home, upstream) as server:
+    with procs.mock_upstream(home) as (upstream, _), \
+            _gunicorn_process(home, upstream) as server:
         yield server
 
 
 @pytest.fixture
 def paced_gunicorn(tmp_path: Path) -> Iterator[Gunicorn]:
     """gunicorn in front of a mock that streams one word per 20 ms (time to hang up)."""
-    with _mock_process(tmp_path, "--interval-ms", "20") as upstream, \
+    with procs.mock_upstream(tmp_path, "--interval-ms", "20") as (upstream, _), \
             _gunicorn_process(tmp_path, upstream) as server:
         yield server
+
+
+async def _probe(session: aiohttp.ClientSession, server: Gunicorn, request_id: str) -> None:
+    """GET an unknown response: 404 from whichever worker answers, logged with `request_id`."""
+    async with session.get(f"{server.url}/v1/responses/resp_probe", headers={
+            "Authorization": f"Bearer {_key('solo')}", "X-Request-Id": request_id}) as resp:
+        assert resp.status == 404, await resp.text()
 
 
 async def _ready(server: Gunicorn) -> None:
     """Wait until every worker answers (a worker listens only once its store is open): probe
     on fresh connections until the access log shows each worker's PID."""
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + procs.START_TIMEOUT
     probes = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)
                                      ) as session:
         while True:
             probes += 1
-            try:
-                async with session.get(f"{server.url}/v1/responses/resp_probe", headers={
-                        "Authorization": f"Bearer {_key('solo')}",
-                        "X-Request-Id": f"probe-{probes}"}) as resp:
-                    assert resp.status == 404, await resp.text()
-            except aiohttp.ClientConnectionError:
-                pass
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                await _probe(session, server, f"probe-{probes}")
             if set(server.served_by("GET").values()) == server.worker_pids:
                 return
             assert time.monotonic() < deadline, server.output()
@@ -285,7 +229,7 @@ async def _pinned_sessions(server: Gunicorn) -> AsyncIterator[list[aiohttp.Clien
     """
     opened: list[aiohttp.ClientSession] = []
     pinned: dict[int, aiohttp.ClientSession] = {}
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + procs.START_TIMEOUT
     try:
         while set(pinned) != server.worker_pids:
             assert time.monotonic() < deadline, f"connections reached only {sorted(pinned)}"
@@ -293,14 +237,8 @@ async def _pinned_sessions(server: Gunicorn) -> AsyncIterator[list[aiohttp.Clien
                      for _ in range(4)]
             opened.extend(batch)
             first = len(opened) - len(batch)
-
-            async def probe(index: int, session: aiohttp.ClientSession) -> None:
-                async with session.get(f"{server.url}/v1/responses/resp_probe", headers={
-                        "Authorization": f"Bearer {_key('solo')}",
-                        "X-Request-Id": f"pin-{index}"}) as resp:
-                    assert resp.status == 404, await resp.text()
-
-            await asyncio.gather(*(probe(first + i, s) for i, s in enumerate(batch)))
+            await asyncio.gather(*(_probe(s, server, f"pin-{first + i}")
+                                   for i, s in enumerate(batch)))
             wanted = {f"pin-{first + i}" for i in range(len(batch))}
             while not wanted <= server.served_by("GET").keys():
                 assert time.monotonic() < deadline, "access log lacks the probes"

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from orp_proxy import health
 from orp_proxy.config import Settings
 from orp_proxy.mock_upstream import MockUpstream, Scenario, text_chunks, usage_dict
+from scripts import procs
 from tests.conftest import Proxy
 from tests.sse_check import parse_sse
 
@@ -82,9 +82,7 @@ async def test_livez_and_readyz_report_store_and_upstream(start_proxy: StartProx
 
 async def test_readyz_stays_200_when_the_upstream_is_down(start_proxy: StartProxy,
                                                           settings: Settings) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = procs.free_port()  # nobody listens on it
     proxy = await start_proxy(dataclasses.replace(
         settings, upstream_url=f"http://127.0.0.1:{port}/v1", upstream_probe_interval=0.1))
 
