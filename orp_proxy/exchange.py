@@ -158,7 +158,7 @@ class Exchange:
             streams.close(opened)
             await resp.write(encode_events(final) + DONE_BLOCK)
             await resp.write_eof()
-        except (ConnectionResetError, ConnectionError):
+        except ConnectionError:  # includes the reset aiohttp raises on a write to a gone client
             await self.interrupted()
         except asyncio.CancelledError:
             await self.interrupted()

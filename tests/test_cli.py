@@ -108,3 +108,15 @@ def test_readme_documents_every_setting_and_the_two_commands() -> None:
     first_screen = "\n".join(readme.splitlines()[:25])
     assert "scripts/serve" in first_screen and "scripts/test" in first_screen
     assert "scripts/test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_is_valid_restructuredtext() -> None:
+    import io
+
+    import docutils.core
+
+    warnings = io.StringIO()
+    docutils.core.publish_doctree((ROOT / "README.rst").read_text(),
+                                  settings_overrides={"warning_stream": warnings,
+                                                      "report_level": 2})
+    assert warnings.getvalue() == ""
