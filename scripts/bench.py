@@ -337,6 +337,8 @@ def section_store(scale: float) -> dict[str, Any]:
             out[label] = {"store_false_us": round(false, 1), "store_true_us": round(true, 1),
                           "store_overhead_pct": round((true / false - 1) * 100, 1)}
         _print("store", out)
+        out["paced20_256_tokens"] = _store_cost_paced(scale)
+        _print("store paced", out["paced20_256_tokens"])
 
         def post(body: dict[str, Any]) -> dict[str, Any]:
             req = urllib.request.Request(gw_url + "/responses", data=json.dumps(body).encode(),
@@ -364,6 +366,21 @@ def section_store(scale: float) -> dict[str, Any]:
         out["replay"] = replay
         _print("replay", replay)
     return out
+
+
+def _store_cost_paced(scale: float) -> dict[str, Any]:
+    """store:true vs false where models really are: 256 tokens at 20 ms, 100 streams."""
+    cost: dict[str, list[float]] = {"false": [], "true": []}
+    with mock_upstream(20.0) as (up_url, _), tempfile.TemporaryDirectory() as tmp, \
+            orp(up_url, os.path.join(tmp, "bench.sqlite3")) as (gw_url, gw_pid):
+        requests = max(100, int(200 * scale))
+        for store in (False, True, False, True):
+            row = measured(gw_url, "responses", 100, requests, dict(BENCH_BODY, store=store),
+                           {"proxy": gw_pid}, processes=2)
+            cost[str(store).lower()].append(row["proxy_cpu_us_per_request"])
+    false, true = statistics.mean(cost["false"]), statistics.mean(cost["true"])
+    return {"store_false_us": round(false, 1), "store_true_us": round(true, 1),
+            "store_overhead_pct": round((true / false - 1) * 100, 1)}
 
 
 def section_json(scale: float, target: str | None, target_pid: int | None) -> dict[str, Any]:
