@@ -78,15 +78,17 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-def _finish(request: web.Request, record: AccessRecord, status: int, error_code: str | None
-            ) -> None:
+def write_access_line(request: web.Request, record: AccessRecord, status: int,
+                      error_code: str | None, *, method: str | None = None) -> None:
+    """The access line and request metrics for one request, or for one WebSocket turn
+    (`method="WS"`, on the upgrade request)."""
     now = time.monotonic()
     stream = record.stream
     line: dict[str, Any] = {
         "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "type": "access",
         "request_id": record.request_id,
-        "method": request.method,
+        "method": method or request.method,
         "path": request.path,
         "status": status,
         "duration_ms": _ms(now - record.started),
@@ -156,7 +158,7 @@ async def access_middleware(request: web.Request,
         raise
     finally:
         try:
-            _finish(request, record, status, error_code)
+            write_access_line(request, record, status, error_code)
         except Exception:  # pragma: no cover - logging must never fail a request
             logging.getLogger("orp.http").exception("writing the access line failed")
 

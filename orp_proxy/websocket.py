@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 import ujson
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .access import CLIENT_CLOSED, AccessRecord, write_access_line
 from .auth import UPSTREAM_AUTHORIZATION
 from .errors import SERVER_ERROR, ApiError
 from .handlers import credential, request_id
@@ -104,9 +106,10 @@ class _Connection:
     """One upgraded connection: its owner, its queue of turns and its recent responses."""
 
     def __init__(self, gateway: Gateway, ws: web.WebSocketResponse, owner: str,
-                 request_id: str, authorization: str | None) -> None:
+                 request_id: str, authorization: str | None, request: web.Request) -> None:
         self.gateway = gateway
         self.ws = ws
+        self.request = request  # the upgrade: each turn's access line is logged against it
         self.owner = owner
         self.authorization = authorization  # pass-through mode: the upgrade's credential
         self.request_id = request_id
@@ -200,8 +203,26 @@ class _Connection:
         return await load_history(self.gateway, self.owner, previous_id), True
 
     async def _turn(self, data: str | bytes) -> None:
+        """One `response.create`, with its own access line and request metrics."""
         self.turns += 1
-        rid = f"{self.request_id}.{self.turns}"
+        record = AccessRecord(f"{self.request_id}.{self.turns}", time.monotonic(), stream=True)
+        status, error_code = 200, None
+        try:
+            error = await self._run_turn(data, record)
+            if error is not None:
+                status, error_code = error.status, error.code or f"http_{error.status}"
+        except (_ClientGone, asyncio.CancelledError):
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            try:
+                write_access_line(self.request, record, status, error_code, method="WS")
+            except Exception:  # logging must never end a connection
+                log.exception("writing the access line of turn %s failed", record.request_id)
+
+    async def _run_turn(self, data: str | bytes, record: AccessRecord) -> ApiError | None:
+        """The turn itself; returns the error sent as an envelope, if any."""
+        rid = record.request_id
         previous_id: str | None = None
         try:
             message = _decode(data)
@@ -215,12 +236,14 @@ class _Connection:
                                             authorization=self.authorization)
         except ApiError as exc:
             await self._fail(exc, previous_id)
-            return
+            return exc
         except Exception:
             log.exception("websocket turn %s failed unexpectedly", rid)
-            await self._fail(ApiError(500, "The gateway failed unexpectedly.", type=SERVER_ERROR,
-                                      code="internal_error"), previous_id)
-            return
+            error = ApiError(500, "The gateway failed unexpectedly.", type=SERVER_ERROR,
+                             code="internal_error")
+            await self._fail(error, previous_id)
+            return error
+        record.exchange = exchange
         if exchange.persist is not None and not parent_stored:
             # Continuing a `store: false` response into a stored one: the store has no parent to
             # walk back to, so this response keeps the whole context as its input.
@@ -241,10 +264,11 @@ class _Connection:
         if response["status"] == "failed":
             if previous_id:
                 self.recent.evict(previous_id)
-            return
+            return None
         self.recent.put(response["id"], _Remembered(
             [*history, *exchange.new_items, *response["output"]],
             stored=exchange.persist is not None))
+        return None
 
     async def _fail(self, error: ApiError, previous_id: str | None) -> None:
         if previous_id:
@@ -282,7 +306,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     owner = gateway.store.owner_id(credential(request))
     await ws.prepare(request)
     connection = _Connection(gateway, ws, owner, request_id(request),
-                             request.get(UPSTREAM_AUTHORIZATION))
+                             request.get(UPSTREAM_AUTHORIZATION), request)
     connections = request.app.get(_CONNECTIONS)
     if connections is not None:
         connections.add(connection)

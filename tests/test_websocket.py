@@ -456,3 +456,27 @@ async def test_openai_sdk_websocket(proxy: Proxy, mock: MockUpstream) -> None:
         assert (error.type, error.status, error.error.code) == (
             "error", 400, "previous_response_not_found")
     assert upstream_texts(mock)[:2] == [("user", "hi"), ("assistant", "You said: hi")]
+
+
+# -- observability ----------------------------------------------------------------------------
+
+
+async def test_each_turn_gets_its_own_access_line(proxy: Proxy, mock: MockUpstream,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="orp.access")
+    mock.enqueue(Scenario(chunks=text_chunks(["ok"], usage=usage_dict(4, 1))))
+    headers = {"X-Request-Id": "conn-7", "Authorization": "Bearer sk-never-logged"}
+    async with proxy.session.ws_connect(ws_url(proxy), headers=headers) as ws:
+        answered = await turn(ws, input="first")
+        refused = await turn(ws, input="x", temperature="hot")
+    assert answered[-1]["type"] == "response.completed" and refused[0]["status"] == 400
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "orp.access"]
+    turns = [line for line in lines if line["method"] == "WS"]
+    assert [(t["request_id"], t["status"]) for t in turns] == [("conn-7.1", 200),
+                                                               ("conn-7.2", 400)]
+    assert turns[0]["model"] == "mock" and turns[0]["output_tokens"] == 1
+    assert turns[0]["response_id"] == final(answered)["id"]
+    assert turns[1]["error_code"] == "invalid_type"
+    assert "sk-never-logged" not in caplog.text
