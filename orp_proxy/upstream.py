@@ -103,9 +103,10 @@ def status_error(status: int, raw: bytes, headers: Any, scrub: Scrub | None = No
         return ApiError(504, "The upstream model server timed out", type=SERVER_ERROR,
                         code="upstream_timeout")
     if status == 503:
-        # Passed on as 503 with its Retry-After: the client may come back, unlike after a 502.
+        # 502 like every upstream 5xx (the mapping clients were promised), but with a code and
+        # the upstream's Retry-After, so a client can tell "come back later" from a crash.
         retry = {"Retry-After": headers["Retry-After"]} if "Retry-After" in headers else None
-        return ApiError(503, f"The upstream model server is unavailable or overloaded{suffix}",
+        return ApiError(502, f"The upstream model server is unavailable or overloaded{suffix}",
                         type=SERVER_ERROR, code="upstream_overloaded", headers=retry)
     return ApiError(502, f"The upstream model server failed with HTTP {status}{suffix}",
                     type=SERVER_ERROR, code="upstream_error")

@@ -216,7 +216,7 @@ async def test_upstream_json_answer_is_accepted(proxy: Proxy, mock: MockUpstream
     (429, 429, "rate_limit_exceeded"),
     (401, 502, "upstream_auth_failed"),
     (500, 502, "upstream_error"),
-    (503, 503, "upstream_overloaded"),
+    (503, 502, "upstream_overloaded"),
     (504, 504, "upstream_timeout"),
 ])
 @pytest.mark.parametrize("stream", [True, False])
