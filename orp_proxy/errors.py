@@ -17,8 +17,9 @@ AUTHENTICATION = "authentication_error"
 class ApiError(Exception):
     """An error that becomes `{"error": {message, type, param, code}}` with an HTTP status.
 
-    Raised anywhere on the request path; the HTTP handlers turn it into a response (or, once a
-    stream has started, into an `error` event followed by `response.failed`).
+    Raised on the request path before a response starts; the error middleware turns it into
+    the HTTP error response, the WebSocket transport into its error envelope. (Failures once a
+    response has started are the transcoder's `fail`: an `error` event, then `response.failed`.)
     """
 
     def __init__(

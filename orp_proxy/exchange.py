@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import MODEL_ERROR, SERVER_ERROR, ApiError
-from .keepalive import STREAMS, LiveStream, StreamRegistry
+from .keepalive import STREAMS, LiveStream
 from .sse import DONE_BLOCK, encode_events
 from .store import ResponseStore, StoredResponse
 from .transcoder import Event, ToolNotAllowed, Transcoder
@@ -33,6 +33,15 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx and similar proxies must not buffer the stream
 }
+
+
+# Set once an SSE response is prepared: from then on an error cannot become an HTTP error
+# response (it would land inside the stream body); the connection is closed instead.
+STREAM_STARTED = web.RequestKey("orp_stream_started", bool)
+
+
+class _DeliveryFailed(Exception):
+    """Marks an exception raised by `deliver` (the client side), as opposed to processing."""
 
 
 @dataclass
@@ -69,7 +78,10 @@ class Exchange:
                 if events:
                     if self.first_token_at is None:
                         self.first_token_at = time.monotonic()
-                    await deliver(events)
+                    try:
+                        await deliver(events)
+                    except Exception as exc:
+                        raise _DeliveryFailed() from exc
             stream.release()
             if stream.saw_done or tc.saw_finish_reason:
                 tc.finish()
@@ -84,6 +96,15 @@ class Exchange:
                     "allow (tools / tool_choice / allowed_tools).", type=MODEL_ERROR)
         except ValueError as exc:
             tc.fail("upstream_bad_response", f"The upstream sent an unusable chunk: {exc}")
+        except _DeliveryFailed as failed:
+            # The client side failed (it went away): the caller settles that, not us.
+            assert failed.__cause__ is not None
+            raise failed.__cause__ from None
+        except Exception:
+            # A bug of ours or a chunk shape nobody foresaw: the client still gets a well-formed
+            # ending and the response is stored as failed, never a traceback or a cut stream.
+            log.exception("processing the upstream stream of %s failed", tc.response["id"])
+            tc.fail("internal_error", "The gateway failed while processing this response.")
 
     async def settle(self) -> list[Event]:
         """Persist the final response (shielded), then hand back the remaining events."""
@@ -126,6 +147,8 @@ class Exchange:
     async def interrupted(self) -> None:
         """The client went away: close upstream now, keep what arrived as `incomplete`."""
         self.upstream.close()
+        if self.transcoder.finished:
+            return  # settled (and saved, or being saved) already: nothing was cut short
         self.transcoder.interrupt()
         if self.persist is not None:
             try:
@@ -140,12 +163,11 @@ class Exchange:
         tc = self.transcoder
         tc.start()
         # Idle streams get keep-alive comments from the worker's sweeper (see keepalive.py).
-        streams = request.app.get(STREAMS)
-        if streams is None:  # an application built without `streams_ctx`
-            streams = StreamRegistry(0)
+        streams = request.app[STREAMS]
         live: LiveStream | None = None
         try:
             await resp.prepare(request)
+            request[STREAM_STARTED] = True
             await resp.write(encode_events(tc.take()))
             live = opened = streams.open(request, resp)
 

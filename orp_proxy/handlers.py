@@ -13,8 +13,9 @@ from aiohttp import web
 from .access import ACCESS, attach_exchange, incoming_request_id
 from .auth import UPSTREAM_AUTHORIZATION, bearer_token
 from .errors import INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, ApiError, invalid
+from .exchange import STREAM_STARTED
 from .pipeline import load_history, start_exchange
-from .sse import dumps
+from .sse import json_bytes
 from .state import GATEWAY
 from .validation import validate_create_body
 
@@ -25,7 +26,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
                   ) -> web.Response:
-    return web.Response(body=dumps(body).encode(), status=status, headers=headers,
+    return web.Response(body=json_bytes(body), status=status, headers=headers,
                         content_type="application/json")
 
 
@@ -59,6 +60,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        if request.get(STREAM_STARTED):
+            raise  # headers and events are out: aiohttp closes the connection instead
         return error_response(ApiError(500, "The gateway failed unexpectedly.",
                                        type=SERVER_ERROR, code="internal_error"))
 
@@ -110,6 +113,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     body = await read_json_body(request, gateway.settings.max_body_bytes)
     validate_create_body(body, limits=gateway.limits)
+    if body.get("background"):  # valid per spec, but not something this gateway does
+        raise invalid("Background responses are not supported by this gateway.", "background",
+                      "unsupported_parameter")
     owner = gateway.store.owner_id(credential(request))
     rid = request_id(request)
     history = await load_history(gateway, owner, body.get("previous_response_id"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ApiError, invalid
+from .errors import ApiError
 from .exchange import Exchange, Persistence
 from .resource import build_response
 from .state import Gateway
@@ -56,12 +56,6 @@ async def resolve_references(gateway: Gateway, owner: str, items: list[dict[str,
     return resolved
 
 
-def _reject_unsupported(body: dict[str, Any]) -> None:
-    if body.get("background"):
-        raise invalid("Background responses are not supported by this gateway.", "background",
-                      "unsupported_parameter")
-
-
 async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
                          history: list[dict[str, Any]], request_id: str,
                          authorization: str | None = None) -> Exchange:
@@ -75,7 +69,6 @@ async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
         raise ApiError(400, "Missing required parameter: 'model'.", param="model",
                        code="missing_required_parameter")
     new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
-    _reject_unsupported(body)
     # Compaction items go upstream as the summaries they seal; the store keeps them sealed.
     context = replay_compactions(gateway.compaction, owner, history, new_items)
     messages = to_chat_messages(context, instructions=body.get("instructions"),

@@ -125,18 +125,31 @@ def build_response(
     }
 
 
+def _count(value: Any) -> int:
+    """A token count as the spec wants it: a non-negative integer (0 for anything else)."""
+    if type(value) is int:
+        return value if value >= 0 else 0
+    if type(value) is float and value == value and 0 <= value < 2**63:
+        return int(value)
+    return 0
+
+
+def _details(value: Any) -> dict[str, Any]:
+    return value if type(value) is dict else {}
+
+
 def usage_from_chat(usage: dict[str, Any]) -> dict[str, Any]:
     """Chat Completions `usage` → Open Responses `usage`, every detail field present."""
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
     return {
         "input_tokens": prompt,
         "output_tokens": completion,
-        "total_tokens": usage.get("total_tokens") or prompt + completion,
-        "input_tokens_details": {"cached_tokens": prompt_details.get("cached_tokens") or 0},
+        "total_tokens": _count(usage.get("total_tokens")) or prompt + completion,
+        "input_tokens_details": {
+            "cached_tokens": _count(_details(usage.get("prompt_tokens_details"))
+                                    .get("cached_tokens"))},
         "output_tokens_details": {
-            "reasoning_tokens": completion_details.get("reasoning_tokens") or 0
-        },
+            "reasoning_tokens": _count(_details(usage.get("completion_tokens_details"))
+                                       .get("reasoning_tokens"))},
     }

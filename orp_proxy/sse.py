@@ -16,25 +16,23 @@ DONE_BLOCK = b"data: [DONE]\n\n"
 KEEPALIVE_BLOCK = b": keep-alive\n\n"
 
 
-def dumps(value: Any) -> str:
-    """Compact JSON, UTF-8 as is, `/` unescaped; falls back to ASCII escapes for lone surrogates."""
+def json_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON, `/` unescaped; lone surrogates (from a `\\ud800` escape upstream)
+    cannot be UTF-8, so such a value falls back to ASCII escapes, still valid JSON."""
     text: str = ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False)
     try:
-        text.encode("utf-8")
+        return text.encode()
     except UnicodeEncodeError:
-        # A lone surrogate (from a `\\ud800` escape upstream) cannot be UTF-8; as an escape it
-        # is still valid JSON.
-        text = ujson.dumps(value, ensure_ascii=True, escape_forward_slashes=False)
-    return text
+        return ujson.dumps(value, ensure_ascii=True, escape_forward_slashes=False).encode()
+
+
+def dumps(value: Any) -> str:
+    """`json_bytes` as text (for log lines and WebSocket text frames)."""
+    return json_bytes(value).decode()
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
-    data: str = ujson.dumps(event, ensure_ascii=False, escape_forward_slashes=False)
-    block = f"event: {event['type']}\ndata: {data}\n\n"
-    try:
-        return block.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"event: {event['type']}\ndata: {dumps(event)}\n\n".encode()
+    return b"event: %s\ndata: %s\n\n" % (event["type"].encode(), json_bytes(event))
 
 
 _TEXT_DELTA = "response.output_text.delta"

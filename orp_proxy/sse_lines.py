@@ -23,39 +23,63 @@ class SSELineBuffer:
     (`: keep-alive`), `event:`/`id:`/`retry:` fields are ignored, as is a trailing CR.
     """
 
-    __slots__ = ("_max_line", "_pending")
+    __slots__ = ("_max_line", "_parts", "_size")
 
     def __init__(self, max_line_bytes: int = 4 * 1024 * 1024) -> None:
-        self._pending = b""
+        # An unfinished line is kept as its pieces: each read is scanned once, so a long line
+        # arriving in many reads costs linear time, not a rescan of everything pending.
+        self._parts: list[bytes] = []
+        self._size = 0
         self._max_line = max_line_bytes
+
+    def _too_long(self) -> LineTooLong:
+        return LineTooLong(f"upstream line longer than {self._max_line} bytes")
 
     def feed(self, data: bytes) -> list[bytes]:
         """Return the complete `data:` payloads in `data` (plus what was pending)."""
-        if self._pending:
-            data = self._pending + data
         out: list[bytes] = []
         start = 0
         find = data.find
+        if self._parts:
+            end = find(b"\n")
+            if end < 0:
+                self._parts.append(data)
+                self._size += len(data)
+                if self._size > self._max_line:
+                    raise self._too_long()
+                return out
+            self._parts.append(data[:end])
+            line = b"".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+            if len(line) > self._max_line:
+                raise self._too_long()
+            self._line(line, 0, len(line), out)
+            start = end + 1
         while True:
             end = find(b"\n", start)
             if end < 0:
                 break
             if end - start > self._max_line:
-                raise LineTooLong(f"upstream line longer than {self._max_line} bytes")
+                raise self._too_long()
             self._line(data, start, end, out)
             start = end + 1
         rest = len(data) - start
-        if rest > self._max_line:
-            raise LineTooLong(f"upstream line longer than {self._max_line} bytes")
-        self._pending = data[start:] if rest else b""
+        if rest:
+            if rest > self._max_line:
+                raise self._too_long()
+            self._parts.append(data[start:])
+            self._size = rest
         return out
 
     def flush(self) -> list[bytes]:
         """At end of body: a last line without its newline still counts."""
-        data, self._pending = self._pending, b""
         out: list[bytes] = []
-        if data:
-            self._line(data, 0, len(data), out)
+        if self._parts:
+            line = b"".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+            self._line(line, 0, len(line), out)
         return out
 
     @staticmethod

@@ -35,27 +35,54 @@ REASONING_EVENT_NAMES = {
 }
 
 
-_COLLAPSE_AT = 64
+def _text(value: Any, field: str) -> str:
+    if type(value) is not str:
+        raise ValueError(f"'{field}' is not a string")
+    return value
 
 
-def _append(pieces: list[str], text: str) -> None:
-    """Keep accumulated text as a few strings, not one small object per token (memory per
-    open stream); joining every 64 pieces keeps the copying linear in practice."""
-    pieces.append(text)
-    if len(pieces) >= _COLLAPSE_AT:
-        pieces[:] = ["".join(pieces)]
+class _Text:
+    """Accumulated text of a part or a call's arguments, joined once at the end.
+
+    Not one small str per token until then (memory per open stream): every 64 pieces are
+    joined into one chunk, so each character is copied twice in all, whatever the length.
+    """
+
+    __slots__ = ("chunks", "pieces")
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+        self.pieces: list[str] = []
+
+    def append(self, text: str) -> None:
+        pieces = self.pieces
+        pieces.append(text)
+        if len(pieces) >= 64:
+            self.chunks.append("".join(pieces))
+            pieces.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self.pieces or self.chunks)
+
+    def value(self) -> str:
+        if self.pieces:
+            self.chunks.append("".join(self.pieces))
+            self.pieces.clear()
+        if len(self.chunks) > 1:
+            self.chunks[:] = ["".join(self.chunks)]
+        return self.chunks[0] if self.chunks else ""
 
 
 class _Part:
     """An open content part: its dict (already in the item's content) and its text pieces."""
 
-    __slots__ = ("index", "kind", "part", "pieces")
+    __slots__ = ("index", "kind", "part", "text")
 
     def __init__(self, kind: str, index: int, part: dict[str, Any]) -> None:
         self.kind = kind
         self.index = index
         self.part = part
-        self.pieces: list[str] = []
+        self.text = _Text()
 
 
 class _Item:
@@ -73,11 +100,11 @@ class _Item:
 class _Call(_Item):
     """An open function call; fragments may arrive before its name is known."""
 
-    __slots__ = ("announced", "pieces")
+    __slots__ = ("announced", "arguments")
 
     def __init__(self, item: dict[str, Any], output_index: int) -> None:
         super().__init__(item, output_index)
-        self.pieces: list[str] = []
+        self.arguments = _Text()
         self.announced = False
 
 
@@ -131,35 +158,48 @@ class Transcoder:
         self._emit({"type": "response.in_progress", "response": self._snapshot()})
 
     def feed(self, chunk: Any) -> None:
-        """One decoded `chat.completion.chunk`. Raises `ToolNotAllowed`, `ValueError`."""
+        """One decoded `chat.completion.chunk`.
+
+        Raises `ToolNotAllowed`, and `ValueError` for a chunk whose shape is not one a Chat
+        Completions server sends (the caller fails the response as `upstream_bad_response`).
+        """
         if self.finished:
             return
-        if not isinstance(chunk, dict):
+        if type(chunk) is not dict:
             raise ValueError("upstream chunk is not a JSON object")
         choices = chunk.get("choices")
         if choices:
+            if type(choices) is not list or type(choices[0]) is not dict:
+                raise ValueError("'choices' is not a list of objects")
             choice = choices[0]
             delta = choice.get("delta")
             if delta:
+                if type(delta) is not dict:
+                    raise ValueError("'delta' is not an object")
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                 if reasoning:
-                    self._reasoning_text(reasoning)
+                    self._reasoning_text(_text(reasoning, "reasoning"))
                 content = delta.get("content")
                 if content:
-                    self._message_text("output_text", content, choice.get("logprobs"))
+                    self._message_text("output_text", _text(content, "content"),
+                                       choice.get("logprobs"))
                 refusal = delta.get("refusal")
                 if refusal:
-                    self._message_text("refusal", refusal, None)
+                    self._message_text("refusal", _text(refusal, "refusal"), None)
                 tool_calls = delta.get("tool_calls")
                 if tool_calls:
+                    if type(tool_calls) is not list:
+                        raise ValueError("'tool_calls' is not a list")
                     for fragment in tool_calls:
                         self._tool_fragment(fragment)
             finish = choice.get("finish_reason")
             if finish:
-                self._finish_reason = finish
+                self._finish_reason = _text(finish, "finish_reason")
                 self.saw_finish_reason = True
         usage = chunk.get("usage")
         if usage:
+            if type(usage) is not dict:
+                raise ValueError("'usage' is not an object")
             self.response["usage"] = usage_from_chat(usage)
 
     def finish(self) -> None:
@@ -167,8 +207,11 @@ class Transcoder:
         if self.finished:
             return
         reason = _INCOMPLETE_REASONS.get(self._finish_reason or "")
-        cut = self._last if reason is not None else None
-        for open_item in self._open_items():
+        still_open = self._open_items()
+        # The item cut short is the one that received the latest delta, if it is still open
+        # (a call starting closes the message before `_last` moves on to the call).
+        cut = next((it for it in still_open if it is self._last), None) if reason else None
+        for open_item in still_open:
             if open_item is not cut:
                 self._close(open_item, "completed")
         if cut is not None:
@@ -293,7 +336,7 @@ class Transcoder:
         part = item.part
         if part is None or part.kind != kind:
             part = self._part(item, kind)
-        _append(part.pieces, text)
+        part.text.append(text)
         self._last = item
         if kind == "refusal":
             self._emit(
@@ -322,9 +365,13 @@ class Transcoder:
         )
 
     def _reasoning_text(self, text: str) -> None:
-        item = self._content_item("reasoning")
-        part = self._part(item, "reasoning_text")
-        _append(part.pieces, text)
+        item = self._content
+        if item is None or item.item["type"] != "reasoning":
+            item = self._content_item("reasoning")
+        part = item.part
+        if part is None:
+            part = self._part(item, "reasoning_text")
+        part.text.append(text)
         self._last = item
         self._emit(
             {
@@ -336,9 +383,13 @@ class Transcoder:
             }
         )
 
-    def _tool_fragment(self, fragment: dict[str, Any]) -> None:
+    def _tool_fragment(self, fragment: Any) -> None:
+        if type(fragment) is not dict:
+            raise ValueError("a tool call fragment is not an object")
         index = fragment.get("index", 0)
         function = fragment.get("function") or {}
+        if type(function) is not dict:
+            raise ValueError("a tool call's 'function' is not an object")
         call = self._calls.get(index)
         if call is None:
             # A call arriving ends any message or reasoning in progress: the model moved on.
@@ -355,14 +406,16 @@ class Transcoder:
             call = self._calls[index] = _Call(item, -1)
         arguments = function.get("arguments")
         if arguments:
-            _append(call.pieces, arguments)
+            call.arguments.append(_text(arguments, "function.arguments"))
         if call.announced:
             if arguments:
                 self._emit_arguments(call, arguments)
         else:
             if fragment.get("id"):
-                call.item["call_id"] = fragment["id"]
+                call.item["call_id"] = _text(fragment["id"], "tool call id")
             name = function.get("name")
+            if name is not None and type(name) is not str:
+                raise ValueError("a tool call's 'function.name' is not a string")
             if not name:
                 return  # `output_item.added` needs the name: hold the fragments until it comes
             if name not in self.allowed_tools:
@@ -370,8 +423,8 @@ class Transcoder:
             call.item["name"] = name
             call.output_index = self._open_item(call.item)
             call.announced = True
-            if call.pieces:
-                self._emit_arguments(call, "".join(call.pieces))
+            if call.arguments:
+                self._emit_arguments(call, call.arguments.value())
         self._last = call
 
     def _emit_arguments(self, call: _Call, delta: str) -> None:
@@ -394,7 +447,7 @@ class Transcoder:
         return items
 
     def _close_part(self, owner: _Item, part: _Part) -> None:
-        text = "".join(part.pieces)
+        text = part.text.value()
         base = {"item_id": owner.id, "output_index": owner.output_index,
                 "content_index": part.index}
         if part.kind == "refusal":
@@ -413,7 +466,7 @@ class Transcoder:
     def _close(self, open_item: _Item, status: str) -> None:
         item = open_item.item
         if isinstance(open_item, _Call):
-            arguments = "".join(open_item.pieces)
+            arguments = open_item.arguments.value()
             item["arguments"] = arguments
             item["status"] = status
             self._emit(
@@ -440,11 +493,11 @@ class Transcoder:
         for open_item in self._open_items():
             item = open_item.item
             if isinstance(open_item, _Call):
-                item["arguments"] = "".join(open_item.pieces)
+                item["arguments"] = open_item.arguments.value()
             elif open_item.part is not None:
                 part = open_item.part
                 key = "refusal" if part.kind == "refusal" else "text"
-                part.part[key] = "".join(part.pieces)
+                part.part[key] = part.text.value()
             if "status" in item:
                 item["status"] = "incomplete"
         self._calls.clear()

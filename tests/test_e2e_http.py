@@ -342,3 +342,24 @@ async def test_client_disconnect_closes_upstream(proxy: Proxy, mock: MockUpstrea
         resp.close()
     seen = await mock.wait_for_disconnect(timeout=2.0)
     assert seen - closed_at < 0.1
+
+
+@pytest.mark.parametrize("bad", [
+    b'data: {"choices": [{"delta": "x"}]}\n\n',
+    b'data: {"choices": {"0": {}}}\n\n',
+    b'data: {"choices": [{"delta": {"content": ["a"]}}]}\n\n',
+    b'data: {"choices": [], "usage": [1]}\n\n',
+    b'data: {"choices": [{"delta": {"tool_calls": ["x"]}}]}\n\n',
+])
+async def test_malformed_chunk_shapes_fail_cleanly(proxy: Proxy, mock: MockUpstream,
+                                                   bad: bytes) -> None:
+    head = encode_sse(text_chunks(["a"], finish_reason=None), send_done=False)
+    mock.enqueue(Scenario(raw=head + bad + b"data: [DONE]\n\n"),
+                 Scenario(raw=head + bad + b"data: [DONE]\n\n"))
+    events, code = await failed_stream(proxy)  # well-formed ending, not a cut stream
+    assert code == "upstream_bad_response"
+    stored = await proxy.session.get(
+        proxy.server.make_url(f"/v1/responses/{events[-1]['response']['id']}"))
+    assert (await stored.json())["status"] == "failed"
+    status, _, data = await proxy.post({"model": "m", "input": "x"})
+    assert (status, error_of(status, data)["code"]) == (502, "upstream_bad_response")

@@ -406,3 +406,51 @@ def test_long_streams_keep_exact_text_and_arguments_across_collapses() -> None:
     assert output[1]["arguments"] == args
     deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     assert deltas == "".join(pieces)
+
+
+def test_a_call_without_name_closing_the_message_does_not_close_it_twice() -> None:
+    tc = make()
+    tc.start()
+    tc.feed({"choices": [{"delta": {"content": "hello"}}]})
+    tc.feed({"choices": [{"delta": {"tool_calls": [
+        {"index": 0, "id": "c1", "function": {"arguments": '{"a"'}}]}}]})
+    tc.feed({"choices": [{"delta": {}, "finish_reason": "length"}]})
+    tc.finish()
+    events = tc.take()
+    check_events(events)  # openresponses-py rejects an item completed twice
+    assert [e["type"] for e in events].count("response.output_item.done") == 1
+    assert tc.response["output"][0]["status"] == "completed"
+    assert tc.response["status"] == "incomplete"
+
+
+@pytest.mark.parametrize("chunk", [
+    {"choices": [{"delta": "x"}]},
+    {"choices": {"0": {}}},
+    {"choices": ["x"]},
+    {"choices": [{"delta": {"content": ["a", "b"]}}]},
+    {"choices": [{"delta": {"reasoning_content": 7}}]},
+    {"choices": [{"delta": {"refusal": {"no": 1}}}]},
+    {"choices": [{"delta": {"tool_calls": ["x"]}}]},
+    {"choices": [{"delta": {"tool_calls": {"index": 0}}}]},
+    {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": "f"}]}}]},
+    {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": 5}}]}}]},
+    {"choices": [{"delta": {"tool_calls": [
+        {"index": 0, "function": {"name": "send", "arguments": {"a": 1}}}]}}]},
+    {"choices": [{"delta": {}, "finish_reason": 1}]},
+    {"choices": [], "usage": [1]},
+])
+def test_malformed_chunk_shapes_are_value_errors(chunk: dict[str, Any]) -> None:
+    tc = make()
+    tc.start()
+    with pytest.raises(ValueError):
+        tc.feed(chunk)
+
+
+def test_odd_usage_numbers_become_non_negative_ints() -> None:
+    events = run([*text_chunks(["x"]), {"choices": [], "usage": {
+        "prompt_tokens": -5, "completion_tokens": "7", "total_tokens": None,
+        "prompt_tokens_details": [], "completion_tokens_details": {"reasoning_tokens": 2.0}}}])
+    assert events[-1]["response"]["usage"] == {
+        "input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 2}}
