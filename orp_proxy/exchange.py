@@ -26,7 +26,8 @@ from .upstream import UpstreamStream, UpstreamStreamError
 log = logging.getLogger("orp.exchange")
 
 # HTTP status for a JSON-mode response that failed, by error code.
-_FAILURE_STATUS = {"upstream_timeout": 504, "tool_not_allowed": 502}
+# Failures of the gateway itself are 500; everything else failed upstream of us (502/504).
+_FAILURE_STATUS = {"upstream_timeout": 504, "store_failed": 500, "internal_error": 500}
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -62,7 +63,6 @@ class Exchange:
     upstream: UpstreamStream
     persist: Persistence | None = None
     new_items: list[dict[str, Any]] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
     async def pump(self, deliver: Callable[[list[Event]], Awaitable[None]]) -> None:
