@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from . import metrics
-from .errors import ApiError
+from .errors import HTTP_ERROR_CODES, ApiError
 from .sse import dumps
 from .state import GATEWAY
 
@@ -36,8 +36,6 @@ PROBE_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
 # Not an HTTP status anyone sent: nginx's convention for "the client closed the connection
 # before the response was complete".
 CLIENT_CLOSED = 499
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
-               405: "method_not_allowed", 413: "request_too_large"}
 
 
 @dataclass(slots=True)
@@ -84,6 +82,10 @@ def write_access_line(request: web.Request, record: AccessRecord, status: int,
     (`method="WS"`, on the upgrade request)."""
     now = time.monotonic()
     stream = record.stream
+    exchange = record.exchange
+    if exchange is not None and status < 400 and _client_left(exchange.transcoder.response):
+        # Noticed by a failed write, the handler returned normally: still the client's hang-up.
+        status, error_code = CLIENT_CLOSED, None
     line: dict[str, Any] = {
         "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "type": "access",
@@ -96,7 +98,6 @@ def write_access_line(request: web.Request, record: AccessRecord, status: int,
         "pid": os.getpid(),
         "remote": request.remote,
     }
-    exchange = record.exchange
     if exchange is not None:
         response = exchange.transcoder.response
         ttft = (exchange.first_token_at - record.started
@@ -127,6 +128,13 @@ def write_access_line(request: web.Request, record: AccessRecord, status: int,
         log.log(level, dumps(line))
 
 
+def _client_left(response: dict[str, Any]) -> bool:
+    if response.get("status") != "incomplete":
+        return False
+    details = response.get("incomplete_details")
+    return isinstance(details, dict) and details.get("reason") == "client_disconnected"
+
+
 def _log_content(request: web.Request) -> bool:
     gateway = request.app.get(GATEWAY)
     return gateway is not None and gateway.settings.log_content
@@ -151,7 +159,7 @@ async def access_middleware(request: web.Request,
         raise
     except web.HTTPException as exc:
         status = exc.status
-        error_code = None if status < 400 else _HTTP_CODES.get(status, f"http_{status}")
+        error_code = None if status < 400 else HTTP_ERROR_CODES.get(status, f"http_{status}")
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         status, error_code = CLIENT_CLOSED, None

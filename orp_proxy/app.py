@@ -36,24 +36,24 @@ SETTINGS = web.AppKey("settings", Settings)
 
 async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    mock_runner: web.AppRunner | None = None
-    base_url = settings.upstream_url
-    if base_url is None:
-        from .mock_upstream import start_mock_upstream
+    # Whatever was opened is closed again, also when a later step of the start-up fails.
+    async with contextlib.AsyncExitStack() as opened:
+        base_url = settings.upstream_url
+        if base_url is None:
+            from .mock_upstream import start_mock_upstream
 
-        _, mock_runner, base_url = await start_mock_upstream("127.0.0.1", 0)
-        log.warning("ORP_UPSTREAM_URL is not set: answering from the bundled mock upstream "
-                    "at %s", base_url)
-    session = aiohttp.ClientSession(
-        # No total timeout: a stream may rightly last longer than any fixed bound.
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout,
-                                      sock_read=settings.read_timeout),
-        connector=aiohttp.TCPConnector(limit=settings.pool_limit, keepalive_timeout=60),
-        auto_decompress=True,
-    )
-    store = await SQLiteStore.open(settings.db_path,
-                                     owner_secret=settings.resolved_owner_secret())
-    try:
+            _, mock_runner, base_url = await start_mock_upstream("127.0.0.1", 0)
+            opened.push_async_callback(mock_runner.cleanup)
+            log.warning("ORP_UPSTREAM_URL is not set: answering from the bundled mock upstream "
+                        "at %s", base_url)
+        session = aiohttp.ClientSession(
+            # No total timeout: a stream may rightly last longer than any fixed bound.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout,
+                                          sock_read=settings.read_timeout),
+            connector=aiohttp.TCPConnector(limit=settings.pool_limit, keepalive_timeout=60),
+            auto_decompress=True,
+        )
+        opened.push_async_callback(session.close)
         upstream_key = settings.resolved_upstream_key()
         upstream = UpstreamClient(
             session, base_url, upstream_key, max_line_bytes=settings.max_line_bytes,
@@ -62,16 +62,15 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
             scrub=None if settings.expose_upstream_errors else Scrubber(
                 [urlsplit(base_url).hostname or "", upstream_key or ""]),
             connect_timeout=settings.connect_timeout)
+        opened.push_async_callback(upstream.close)  # before the session closes
+        store = await SQLiteStore.open(settings.db_path,
+                                       owner_secret=settings.resolved_owner_secret())
+        opened.push_async_callback(store.close)
         limits = RequestLimits(max_input_items=settings.max_input_items,
                                max_tools=settings.max_tools)
         app[GATEWAY] = Gateway(settings=settings, upstream=upstream, store=TimedStore(store),
                                limits=limits)
         yield
-    finally:
-        await session.close()
-        await store.close()
-        if mock_runner is not None:
-            await mock_runner.cleanup()
 
 
 async def _purge_loop(gateway: Gateway) -> None:

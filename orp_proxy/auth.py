@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, read_secret_file, secret_path
 from .errors import AUTHENTICATION, ApiError
 
 log = logging.getLogger("orp.auth")
@@ -56,17 +55,9 @@ def load_api_keys(settings: Settings) -> list[str]:
     """Gateway keys from ORP_API_KEYS and ORP_API_KEYS_FILE (or the systemd credential
     `api_keys`), in that order, without duplicates."""
     keys = [k.strip() for k in (settings.api_keys or "").split(",")]
-    path = settings.api_keys_file
-    if path is None and os.environ.get("CREDENTIALS_DIRECTORY"):
-        candidate = os.path.join(os.environ["CREDENTIALS_DIRECTORY"], "api_keys")
-        path = candidate if os.path.exists(candidate) else None
+    path = secret_path(settings.api_keys_file, "api_keys")
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                lines = handle.read().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(f"cannot read the API keys file {path}: {reason}") from None
+        lines = read_secret_file(path, "the API keys file").splitlines()
         keys.extend(line.strip() for line in lines if not line.lstrip().startswith("#"))
     unique = list(dict.fromkeys(k for k in keys if k))
     for number, key in enumerate(unique, 1):

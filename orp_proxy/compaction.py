@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .access import attach_exchange
 from .auth import UPSTREAM_AUTHORIZATION
 from .errors import SERVER_ERROR, ApiError
 from .exchange import Exchange
@@ -74,7 +75,9 @@ async def compact_response(request: web.Request) -> web.StreamResponse:
     transcoder = Transcoder(build_response({"store": False}, model=model))
     upstream = await gateway.upstream.open(chat, request_id=rid,
                                            authorization=request.get(UPSTREAM_AUTHORIZATION))
-    result = await Exchange(transcoder, upstream).collect()
+    exchange = Exchange(transcoder, upstream)
+    attach_exchange(request, exchange, stream=False)  # tokens and model on the access line
+    result = await exchange.collect()
     summary = _summary_text(result)
     if not summary:
         raise ApiError(502, "The upstream model returned an empty summary.", type=SERVER_ERROR,

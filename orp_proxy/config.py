@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import ujson
 
@@ -127,7 +128,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", "ORP_PORT", int, "Port ORP listens on (`orp-proxy serve`, the gunicorn "
             "config).", metavar="PORT"),
     Setting("db_path", "ORP_DB_PATH", str, "SQLite file of the response store.", metavar="PATH"),
-    Setting("store_ttl_seconds", "ORP_STORE_TTL_SECONDS", float,
+    Setting("store_ttl_seconds", "ORP_STORE_TTL_SECONDS", _non_negative_float,
             "How long a stored response stays readable (seconds; a live response that continues "
             "from it keeps its content as context); 0 keeps them forever.",
             metavar="SECONDS"),
@@ -281,30 +282,65 @@ class Settings:
         return _secret(self.compaction_key, None, "compaction_key")
 
     def redacted(self) -> dict[str, Any]:
-        """Settings safe to log: secrets replaced by a marker."""
+        """Settings safe to log: secrets replaced by a marker, and the upstream URL without
+        its user information and query (either may hold a key)."""
         out: dict[str, Any] = {}
         for setting in SETTINGS:
             value = getattr(self, setting.field)
             if setting.secret and value:
                 value = "<redacted>"
+            elif setting.field == "upstream_url" and value:
+                value = redacted_url(value)
             out[setting.field] = dict(value) if isinstance(value, Mapping) else value
         return out
 
 
-def _secret(value: str | None, path: str | None, credential: str) -> str | None:
-    """A secret given directly, in a file, or as a systemd credential (`LoadCredential=`)."""
-    if value:
-        return value
-    if path is None and os.environ.get("CREDENTIALS_DIRECTORY"):
-        candidate = os.path.join(os.environ["CREDENTIALS_DIRECTORY"], credential)
-        path = candidate if os.path.exists(candidate) else None
-    if path is None:
-        return None
+def redacted_url(url: str) -> str:
+    """`url` with user information, query and fragment replaced by a marker."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<redacted>"
+    _, at, host = parts.netloc.rpartition("@")
+    netloc = f"<redacted>@{host}" if at else host
+    return urlunsplit((parts.scheme, netloc, parts.path,
+                       "<redacted>" if parts.query else "",
+                       "<redacted>" if parts.fragment else ""))
+
+
+def secret_path(path: str | None, credential: str) -> str | None:
+    """The file a secret is read from: `path` if given, else the systemd credential named
+    `credential` (`LoadCredential=`) if the service has one; None if neither."""
+    if path is not None:
+        return path
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        candidate = os.path.join(directory, credential)
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """The text of a secret file; ConfigError (naming `what` and the path, never the content)
+    if it cannot be read or is not UTF-8."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return handle.readline().strip() or None
-    except OSError as exc:
-        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read {what} {path}: {reason}") from None
+
+
+def _secret(value: str | None, path: str | None, credential: str) -> str | None:
+    """A secret given directly, in a file (its first line), or as a systemd credential."""
+    if value:
+        return value
+    found = secret_path(path, credential)
+    if found is None:
+        return None
+    lines = read_secret_file(found, "secret file").splitlines()
+    return (lines[0].strip() if lines else "") or None
 
 
 def load_settings(

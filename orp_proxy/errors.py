@@ -14,6 +14,12 @@ TOO_MANY_REQUESTS = "too_many_requests"
 AUTHENTICATION = "authentication_error"
 
 
+# The `code` of an error aiohttp raised itself (unknown route, wrong method, body too large), for
+# the error body and the access line alike.
+HTTP_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+                    405: "method_not_allowed", 413: "request_too_large"}
+
+
 class ApiError(Exception):
     """An error that becomes `{"error": {message, type, param, code}}` with an HTTP status.
 

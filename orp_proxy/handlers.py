@@ -12,7 +12,14 @@ from aiohttp import web
 
 from .access import ACCESS, attach_exchange, incoming_request_id
 from .auth import UPSTREAM_AUTHORIZATION, bearer_token
-from .errors import INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, ApiError, invalid
+from .errors import (
+    HTTP_ERROR_CODES,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    SERVER_ERROR,
+    ApiError,
+    invalid,
+)
 from .exchange import STREAM_STARTED
 from .pipeline import load_history, start_exchange
 from .sse import json_bytes
@@ -34,7 +41,6 @@ def error_response(error: ApiError) -> web.Response:
     return json_response(error.body(), status=error.status, headers=error.headers or None)
 
 
-_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 @web.middleware
@@ -53,7 +59,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = f"{exc.reason}: {request.method} {request.path}" if exc.status in (404, 405) \
             else exc.reason
         return error_response(ApiError(exc.status, message, type=kind,
-                                       code=_HTTP_ERROR_CODES.get(exc.status),
+                                       code=HTTP_ERROR_CODES.get(exc.status),
                                        headers={k: v for k, v in exc.headers.items()
                                                 if k == "Allow"}))
     except (asyncio.CancelledError, ConnectionResetError):

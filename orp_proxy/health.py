@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from .sse import dumps
-from .state import GATEWAY, Gateway
+from .state import GATEWAY
 
 log = logging.getLogger("orp.health")
 
@@ -131,21 +131,13 @@ DRAIN = web.AppKey("orp_drain", Drain)
 PROBE = web.AppKey("orp_upstream_probe", UpstreamProbe)
 
 
-def _models_url(gateway: Gateway) -> str:
-    base = gateway.upstream.url
-    suffix = "/chat/completions"
-    if base.endswith(suffix):
-        base = base[: -len(suffix)]
-    return base + "/models"
-
-
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     settings = gateway.settings
     drain = app[DRAIN]
     _DRAINS.add(drain)
-    key = settings.resolved_upstream_key()
-    probe = UpstreamProbe(_models_url(gateway), f"Bearer {key}" if key else None)
+    upstream = gateway.upstream
+    probe = UpstreamProbe(upstream.endpoint("models"), upstream.authorization)
     app[PROBE] = probe
     tasks = []
     if settings.drain_file:
@@ -154,7 +146,7 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
                                          name="orp-drain-file"))
     if settings.upstream_probe_interval > 0:
         tasks.append(asyncio.create_task(
-            probe.run(gateway.upstream.session, settings.upstream_probe_interval),
+            probe.run(upstream.session, settings.upstream_probe_interval),
             name="orp-upstream-probe"))
     try:
         yield

@@ -18,14 +18,15 @@ emptied); `items` holds each input and output item once, in order. A conversatio
 read with one recursive query that walks `previous_response_id` and joins the items, so the
 items are never stored twice.
 
-Retention: a response expires TTL after it was created (`expires_at`); but its content is kept as
-long as a live (unexpired) response continues from it, so a conversation keeps its whole context
-while it is in use. An expired response is gone at once for everything that addresses it (GET,
-DELETE, input items, continuing from it, `item_reference` to its items): every read filters on
-`expires_at`, whether or not the purge has run. `load_lineage` from a live response still walks
-through expired ancestors. `purge_expired` deletes expired responses that no response (of the
-same owner, in any state) continues from, leaf first and repeatedly, so a dead chain goes in
-one run, while a chain with a live leaf keeps all its ancestors. Saves never touch ancestors.
+Retention: a response expires TTL after it was saved (`expires_at`, which the gateway computes
+when it saves the finished response); but its content is kept as long as a live (unexpired)
+response continues from it, so a conversation keeps its whole context while it is in use. An
+expired response is gone at once for everything that addresses it (GET, DELETE, input items,
+continuing from it, `item_reference` to its items): every read filters on `expires_at`, whether
+or not the purge has run. `load_lineage` from a live response still walks through expired
+ancestors. `purge_expired` deletes expired responses that no response (of the same owner, in any
+state) continues from, leaf first and repeatedly, so a dead chain goes in one run, while a chain
+with a live leaf keeps all its ancestors. Saves never touch ancestors.
 """
 
 from __future__ import annotations
@@ -323,7 +324,14 @@ class SQLiteStore:
         """
         # isolation_level=None: the sqlite3 module must not open transactions behind our back;
         # we issue BEGIN IMMEDIATE / COMMIT ourselves.
-        db = await aiosqlite.connect(path, isolation_level=None)
+        connecting = aiosqlite.connect(path, isolation_level=None)
+        try:
+            db = await connecting
+        except BaseException:
+            # aiosqlite stops its thread without waiting for it; if the loop closed first,
+            # the thread would print a traceback about the closed loop on the way out.
+            await asyncio.to_thread(connecting._thread.join, 5)
+            raise
         try:
             # Before anything else, so that the journal-mode switch and the migration wait
             # for a concurrently starting worker instead of failing.
@@ -365,14 +373,6 @@ class SQLiteStore:
         result: _T = await self._db._execute(work, self._db._conn)  # type: ignore[no-untyped-call]
         return result
 
-    async def _shielded_future(self, future: asyncio.Future[_T]) -> _T:
-        """Await a write's outcome; the caller's cancellation does not stop the write."""
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(_log_abandoned_failure)
-            raise
-
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         if self._closing:
             raise RuntimeError("response store is closed")
@@ -410,12 +410,13 @@ class SQLiteStore:
 
         return self._start_exclusive(transaction)
 
-    async def _shielded(self, task: asyncio.Task[_T]) -> _T:
+    async def _shielded(self, future: asyncio.Future[_T]) -> _T:
+        """Await a write's outcome; the caller's cancellation does not stop the write."""
         try:
-            return await asyncio.shield(task)
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
             # Nobody will await the result any more; a failure must still reach the log.
-            task.add_done_callback(_log_abandoned_failure)
+            future.add_done_callback(_log_abandoned_failure)
             raise
 
     async def _write(self, body: Callable[[], Awaitable[_T]]) -> _T:
@@ -459,17 +460,8 @@ class SQLiteStore:
         pending = _PendingSave(params, encoded, asyncio.get_running_loop().create_future())
         self._pending_saves.append(pending)
         if self._saver is None:
-            self._start_saver()
-        await self._shielded_future(pending.done)
-
-    def _start_saver(self) -> None:
-        self._saver = self._start_exclusive(self._write_pending_saves)
-        self._saver.add_done_callback(self._saver_done)
-
-    def _saver_done(self, _: asyncio.Task[None]) -> None:
-        self._saver = None
-        if self._pending_saves:  # queued after the last batch was taken
-            self._start_saver()
+            self._saver = self._start_exclusive(self._write_pending_saves)
+        await self._shielded(pending.done)
 
     async def _write_pending_saves(self) -> None:
         """Group commit: every save queued by now goes in one transaction, one thread trip.
@@ -478,25 +470,32 @@ class SQLiteStore:
         contention) than the inserts themselves, so saves that arrive while a batch is being
         written wait for the next batch instead of taking a trip each. Each record has its own
         savepoint, so one bad record fails alone; callers return only once their batch committed.
+        The loop runs until the queue is empty within one hold of the lock, so that saves queued
+        before `close()` are written by this task rather than by one `close()` would refuse.
         """
-        batch = self._pending_saves[:_SAVE_BATCH]
-        del self._pending_saves[:_SAVE_BATCH]
         try:
-            errors = await self._in_thread(partial(_save_batch, batch))
-        except BaseException as exc:
-            for pending in batch:
-                if not pending.done.done():
-                    pending.done.set_exception(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        for pending, error in zip(batch, errors, strict=True):
-            if pending.done.done():
-                continue
-            if error is None:
-                pending.done.set_result(None)
-            else:
-                pending.done.set_exception(error)
+            while self._pending_saves:
+                batch = self._pending_saves[:_SAVE_BATCH]
+                del self._pending_saves[:_SAVE_BATCH]
+                try:
+                    errors = await self._in_thread(partial(_save_batch, batch))
+                except asyncio.CancelledError as exc:
+                    _fail_saves(batch, exc)
+                    raise
+                except Exception as exc:
+                    _fail_saves(batch, exc)
+                    continue
+                for pending, error in zip(batch, errors, strict=True):
+                    if pending.done.done():
+                        continue
+                    if error is None:
+                        pending.done.set_result(None)
+                    else:
+                        pending.done.set_exception(error)
+        finally:
+            # No await between the emptiness check and this: a save queued from now on starts
+            # a new saver.
+            self._saver = None
 
     async def load_lineage(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
         """Context for continuing from `response_id`, in spec order, from one query.
@@ -707,8 +706,13 @@ class SQLiteStore:
         if self._closing:
             return
         self._closing = True
+        # The saver is among these and empties the queue before it ends.
         while self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        # Only a saver that was cancelled (loop shutdown) leaves saves behind: their callers
+        # must hear of it rather than wait forever.
+        left, self._pending_saves = self._pending_saves, []
+        _fail_saves(left, RuntimeError("response store is closed"))
         async with self._lock:
             await self._db.close()
 
@@ -721,6 +725,12 @@ class _PendingSave:
     params: tuple[Any, ...]
     items: list[tuple[int, int, str | None, str]]
     done: asyncio.Future[None]
+
+
+def _fail_saves(saves: list[_PendingSave], error: BaseException) -> None:
+    for pending in saves:
+        if not pending.done.done():
+            pending.done.set_exception(error)
 
 
 def _save_batch(batch: list[_PendingSave], conn: sqlite3.Connection) -> list[Exception | None]:

@@ -1,8 +1,9 @@
 """Open Responses request → Chat Completions request.
 
-Two steps: `normalize_input` turns the client's `input` into typed items with ids (what the store
-keeps and what `input_items` lists), and `build_chat_request` turns a whole context (stored
-lineage + new items) into one `POST /chat/completions` body.
+Three steps: `normalize_input` turns the client's `input` into typed items with ids (what the
+store keeps and what `input_items` lists), `to_chat_messages` turns a whole context (stored
+lineage + new items) into Chat Completions messages, and `build_chat_request` wraps them with the
+request's options into one `POST /chat/completions` body.
 """
 
 from __future__ import annotations

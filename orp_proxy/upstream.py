@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import ujson
@@ -42,8 +43,14 @@ log = logging.getLogger("orp.upstream")
 
 _ERROR_BODY_LIMIT = 64 * 1024
 _MESSAGE_LIMIT = 500
-# Scrubbed before it is cut to _MESSAGE_LIMIT, so that a cut cannot leave half a key behind.
+# A message is cut to this before it is scrubbed (scrubbing megabytes would stall the event
+# loop), and only cut to _MESSAGE_LIMIT after, so what scrubbing shortens is refilled.
 _SCRUB_LIMIT = 4 * _MESSAGE_LIMIT
+# After `[DONE]` some servers end the body a little later (the chunked terminator in a
+# separate write). Reading on to the end in the background, this long and this much at most,
+# lets the connection go back to the pool instead of being closed.
+_DRAIN_SECONDS = 1.0
+_DRAIN_BYTES = 64 * 1024
 
 Scrub = Callable[[str], str]
 
@@ -57,13 +64,14 @@ class UpstreamStreamError(Exception):
         self.message = message
 
 
-def _error_message(raw: bytes, scrub: Scrub | None = None) -> str | None:
-    """The `error.message` of an OpenAI-style error body, if it is one; never raw HTML.
-    `scrub` (if given) removes what clients must not see."""
-    try:
-        body = ujson.loads(raw)
-    except ValueError:
-        return None
+def _error_message(body: object, scrub: Scrub | None = None) -> str | None:
+    """The `error.message` of an OpenAI-style error body (raw bytes, or already parsed), if it
+    is one; never raw HTML. `scrub` (if given) removes what clients must not see."""
+    if isinstance(body, bytes):
+        try:
+            body = ujson.loads(body)
+        except ValueError:
+            return None
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         message = error.get("message")
@@ -74,7 +82,12 @@ def _error_message(raw: bytes, scrub: Scrub | None = None) -> str | None:
     if not isinstance(message, str) or not message:
         return None
     if scrub is not None:
-        message = scrub(message[:_SCRUB_LIMIT])
+        if len(message) > _SCRUB_LIMIT:
+            # A key or host name the cut splits may be too short for any pattern; every
+            # pattern's match ends at whitespace, so the last word of what is kept goes too.
+            kept = message[:_SCRUB_LIMIT].rsplit(None, 1)
+            message = kept[0] if len(kept) == 2 else ""
+        message = scrub(message)
     return message[:_MESSAGE_LIMIT]
 
 
@@ -112,18 +125,34 @@ def status_error(status: int, raw: bytes, headers: Any, scrub: Scrub | None = No
                     type=SERVER_ERROR, code="upstream_error")
 
 
+def _not_a_completion() -> UpstreamStreamError:
+    return UpstreamStreamError("upstream_bad_response",
+                               "The upstream answered with JSON that is not a completion")
+
+
 def completion_as_chunk(completion: Any) -> dict[str, Any]:
-    """A non-streamed `chat.completion` (servers that ignore `stream`) as one big chunk."""
+    """A non-streamed `chat.completion` (servers that ignore `stream`) as one big chunk.
+
+    Only the shape this conversion relies on is checked here; the transcoder checks the rest
+    as it does for streamed chunks."""
     if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
-        raise UpstreamStreamError("upstream_bad_response",
-                                  "The upstream answered with JSON that is not a completion")
+        raise _not_a_completion()
     choices = []
     for choice in completion["choices"][:1]:
-        message = dict(choice.get("message") or {})
-        calls = message.get("tool_calls")
+        if not isinstance(choice, dict):
+            raise _not_a_completion()
+        message = choice.get("message")
+        if message is None:
+            message = {}
+        elif not isinstance(message, dict):
+            raise _not_a_completion()
+        delta = dict(message)
+        calls = delta.get("tool_calls")
         if calls:
-            message["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
-        choices.append({"index": 0, "delta": message,
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise _not_a_completion()
+            delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)]
+        choices.append({"index": 0, "delta": delta,
                         "finish_reason": choice.get("finish_reason")})
     return {"choices": choices, "usage": completion.get("usage")}
 
@@ -132,12 +161,19 @@ class UpstreamStream:
     """An open upstream response whose body is read as batches of decoded chunks."""
 
     def __init__(self, response: aiohttp.ClientResponse, max_line_bytes: int,
-                 scrub: Scrub | None = None) -> None:
+                 scrub: Scrub | None = None,
+                 draining: set[asyncio.Task[None]] | None = None) -> None:
         self.response = response
+        # Where `release` keeps its background read of the body's end; None: no such read,
+        # an unfinished body's connection is closed.
+        self._draining = draining
         self._lines = SSELineBuffer(max_line_bytes)
+        # A non-streamed answer is one JSON document: held to the bound of one stream line.
+        self._max_json = max_line_bytes
         self._scrub = scrub
         self._json = not response.content_type.startswith("text/event-stream")
         self.saw_done = False
+        self._released = False
 
     async def batches(self) -> AsyncIterator[list[Any]]:
         """Per network read, the chunks it completed (possibly none). Stops at `[DONE]`."""
@@ -201,9 +237,22 @@ class UpstreamStream:
                                       ) from None
 
     async def _read_json(self) -> Any:
+        limit = self._max_json
+        too_large = UpstreamStreamError(
+            "upstream_bad_response",
+            f"The upstream's JSON answer is larger than the limit of {limit} bytes")
+        length = self.response.content_length
+        if length is not None and length > limit:
+            raise too_large
         try:
-            raw = await self.response.read()
-            return ujson.loads(raw)
+            parts = []
+            size = 0
+            async for data in self.response.content.iter_any():
+                size += len(data)
+                if size > limit:
+                    raise too_large
+                parts.append(data)
+            return ujson.loads(b"".join(parts))
         except ValueError:
             raise UpstreamStreamError("upstream_bad_response",
                                       "The upstream answered with invalid JSON") from None
@@ -212,16 +261,50 @@ class UpstreamStream:
                                       "The connection to the upstream was lost") from None
 
     def release(self) -> None:
-        """Give the connection back to the pool (aiohttp closes it if the body is unfinished)."""
-        self.response.release()
+        """Give the connection back to the pool once the body was read (up to `[DONE]`).
+
+        Returns at once: a body whose end has not arrived yet is read to its end in the
+        background (bounded), and the connection is closed if it does not end in time."""
+        if self._released:
+            return
+        self._released = True
+        response = self.response
+        draining = self._draining
+        if draining is None or response.connection is None or response.content.at_eof():
+            response.release()  # aiohttp keeps the connection only if the body ended
+            return
+        task = asyncio.get_running_loop().create_task(_drain_then_release(response))
+        draining.add(task)  # the loop holds tasks only weakly
+        task.add_done_callback(draining.discard)
 
     def close(self) -> None:
         """Drop the connection at once; a no-op after `release`."""
-        self.response.close()
+        if not self._released:
+            self.response.close()
+
+
+async def _drain_then_release(response: aiohttp.ClientResponse) -> None:
+    """Read what is left of a body after `[DONE]`, then pool the connection; close it if the
+    rest is too long, too slow or broken."""
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            left = _DRAIN_BYTES
+            while left >= 0:
+                data = await response.content.readany()
+                if not data:
+                    response.release()
+                    return
+                left -= len(data)
+    except asyncio.CancelledError:
+        response.close()
+        raise
+    except Exception as exc:  # the body is abandoned either way; nothing to report
+        log.debug("closing an upstream connection whose body did not end: %r", exc)
+    response.close()
 
 
 def _stream_error(chunk: dict[str, Any], scrub: Scrub | None) -> str:
-    message = _error_message(ujson.dumps(chunk).encode(), scrub)
+    message = _error_message(chunk, scrub)
     return f"The upstream reported an error: {message}" if message else (
         "The upstream reported an error")
 
@@ -281,19 +364,36 @@ class _Refused(Exception):
 class UpstreamClient:
     """Sends Chat Completions requests over the worker's one `ClientSession`.
 
-    `scrub` cleans upstream error messages before clients see them (None: verbatim).
+    `base_url` ends with the API version (`.../v1`); `authorization` is the header ORP's own
+    key makes (None without a key); `scrub` cleans upstream error messages before clients see
+    them (None: verbatim). `close()` before closing the session.
     """
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str | None,
                  *, max_line_bytes: int, retry: RetryPolicy | None = None,
                  scrub: Scrub | None = None, connect_timeout: float | None = None) -> None:
         self.session = session
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self._auth = f"Bearer {api_key}" if api_key else None
+        self.base_url = base_url
+        self.url = self.endpoint("chat/completions")
+        self.authorization = f"Bearer {api_key}" if api_key else None
         self._max_line = max_line_bytes
         self.retry = retry or RetryPolicy()
         self._scrub = scrub
         self._connect_timeout = connect_timeout
+        self._draining: set[asyncio.Task[None]] = set()
+
+    def endpoint(self, name: str) -> str:
+        """The URL of `name` (`models`, `chat/completions`) under the base URL; a query on
+        the base URL (e.g. `?api-version=`) is kept."""
+        parts = urlsplit(self.base_url)
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
+
+    async def close(self) -> None:
+        """Stop reading the ends of finished bodies (their connections are closed)."""
+        tasks = list(self._draining)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def open(self, chat: dict[str, Any], *, request_id: str | None = None,
                    authorization: str | None = None) -> UpstreamStream:
@@ -304,7 +404,7 @@ class UpstreamClient:
         Refused attempts are retried per `self.retry` (see the module docstring).
         """
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        auth = authorization or self._auth
+        auth = authorization or self.authorization
         if auth:
             headers["Authorization"] = auth
         if request_id:
@@ -375,4 +475,4 @@ class UpstreamClient:
             raise ApiError(502, "The upstream model server answered with an unexpected "
                            f"content type ({content_type or 'none'})", type=SERVER_ERROR,
                            code="upstream_bad_response")
-        return UpstreamStream(response, self._max_line, self._scrub)
+        return UpstreamStream(response, self._max_line, self._scrub, self._draining)

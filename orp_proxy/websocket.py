@@ -6,9 +6,11 @@ before a response starts are the spec's error envelope (`{"type": "error", "stat
 and leave the connection open.
 
 Two tasks per connection: a reader that queues client messages (so a close from the client is
-seen even mid-turn, which then interrupts the turn), and a worker that runs the queued turns
-strictly in order. The queue is short: beyond it the reader stops reading and TCP flow control
-holds the client back, so memory per connection stays bounded.
+seen mid-turn, which then interrupts the turn), and a worker that runs the queued turns strictly
+in order. The queue is short: beyond it the reader stops reading and TCP flow control holds the
+client back, so memory per connection stays bounded. While the queue is full, a close frame is
+read only once the worker takes the next message; a dropped connection still ends the turn at
+once, since it cancels the handler.
 
 Connection-local state keeps the latest responses of the connection with their whole context,
 so `store: false` conversations continue on the same socket without the database; other ids

@@ -18,10 +18,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orp_proxy import health
+from orp_proxy.app import build_app
 from orp_proxy.config import Settings
 from orp_proxy.mock_upstream import MockUpstream, Scenario, text_chunks, usage_dict
 from scripts import procs
@@ -318,3 +320,59 @@ async def test_in_flight_gauge_and_client_disconnect(proxy: Proxy, mock: MockUps
     assert line["status"] == 499 and line["outcome"] == "incomplete"
     assert line["incomplete_reason"] == "client_disconnected"
     assert sample(await scrape(proxy), "orp_streams_in_flight") == 0
+
+
+async def test_a_hang_up_seen_by_a_failed_write_is_logged_as_499(
+        settings: Settings, mock: MockUpstream, aiohttp_server: Callable[..., Awaitable[Any]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Without handler cancellation (a runner that does not turn it on) the hang-up surfaces as
+    # a failed write; the handler then returns its response normally.
+    caplog.set_level(logging.INFO, logger="orp.access")
+    app = build_app(settings)
+    app._handler_args["handler_cancellation"] = False
+    server = await aiohttp_server(app, host="127.0.0.1")
+    proxy = Proxy(server, aiohttp.ClientSession())
+    try:
+        mock.enqueue(Scenario(chunks=text_chunks([f"t{i} " for i in range(60)]), delay=0.05))
+        before = await scrape(proxy)
+        resp = await proxy.session.post(server.make_url("/v1/responses"),
+                                        json={"model": "mock", "input": "x", "stream": True},
+                                        headers={"X-Request-Id": "rid-write-failed"})
+        await resp.content.readuntil(b"response.output_text.delta")
+        resp.close()
+
+        async def logged() -> bool:
+            return any(x["request_id"] == "rid-write-failed" for x in access_lines(caplog))
+
+        await wait_for(logged)
+        (line,) = [x for x in access_lines(caplog) if x["request_id"] == "rid-write-failed"]
+        assert line["status"] == 499 and "error_code" not in line
+        assert line["incomplete_reason"] == "client_disconnected"
+        after = await scrape(proxy)
+        labels = {"route": "/v1/responses", "stream": "true"}
+        assert sample(after, "orp_requests_total", status="499", **labels) - \
+            sample(before, "orp_requests_total", status="499", **labels) == 1
+        assert sample(after, "orp_requests_total", status="200", **labels) == \
+            sample(before, "orp_requests_total", status="200", **labels)
+    finally:
+        await proxy.session.close()
+
+
+async def test_compaction_reports_its_tokens_and_model(proxy: Proxy, mock: MockUpstream,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="orp.access")
+    before = await scrape(proxy)
+    mock.enqueue(Scenario(chunks=text_chunks(["The summary."], usage=usage_dict(40, 6))))
+    status, _, data = await proxy.post({"model": "mock", "input": "a long talk"},
+                                       path="/v1/responses/compact",
+                                       headers={"X-Request-Id": "rid-compact"})
+    assert status == 200, data
+    (line,) = [x for x in access_lines(caplog) if x["request_id"] == "rid-compact"]
+    assert line["path"] == "/v1/responses/compact" and line["model"] == "mock"
+    assert (line["input_tokens"], line["output_tokens"]) == (40, 6)
+    assert line["outcome"] == "completed" and line["ttft_ms"] is not None
+    after = await scrape(proxy)
+    assert sample(after, "orp_tokens_total", kind="input") - \
+        sample(before, "orp_tokens_total", kind="input") == 40
+    assert sample(after, "orp_time_to_first_token_seconds_count") - \
+        sample(before, "orp_time_to_first_token_seconds_count") == 1

@@ -859,3 +859,37 @@ async def test_concurrent_saves_share_transactions_and_a_bad_one_fails_alone(
     assert await store.get_response(OWNER, "resp_bad") is None
     # Group commit: 51 saves queued together need far fewer than 51 transactions.
     assert 1 <= len(begins) <= 3, begins
+
+
+async def test_close_writes_every_queued_save_first(db_path: str) -> None:
+    # More saves than one batch takes, all queued before close(): each is written and each
+    # caller returns, although the batches after the first start while the store is closing.
+    store = await SQLiteStore.open(db_path)
+    count = 3 * store_module._SAVE_BATCH + 5
+    saves = [asyncio.create_task(store.save_response(record(f"resp_{i}", OWNER)))
+             for i in range(count)]
+    await asyncio.sleep(0)  # every save is queued, the first batch has started
+    async with asyncio.timeout(30):
+        await store.close()
+        results = await asyncio.gather(*saves, return_exceptions=True)
+    assert results == [None] * count
+    with closing(sqlite3.connect(db_path)) as plain:
+        assert plain.execute("SELECT count(*) FROM responses").fetchone()[0] == count
+
+
+async def test_close_fails_saves_a_cancelled_saver_left_behind(db_path: str) -> None:
+    # The saver's task is cancelled (as at loop shutdown) before it ran: close() fails the
+    # saves still queued instead of leaving their callers waiting forever.
+    store = await SQLiteStore.open(db_path)
+    async with store._lock:  # the saver is started but cannot take the connection yet
+        saves = [asyncio.create_task(store.save_response(record(f"resp_{i}", OWNER)))
+                 for i in range(3)]
+        await asyncio.sleep(0)
+        assert store._saver is not None
+        store._saver.cancel()
+    async with asyncio.timeout(30):
+        await store.close()
+        results = await asyncio.gather(*saves, return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and "closed" in str(r) for r in results), results
+    with pytest.raises(RuntimeError, match="closed"):
+        await store.save_response(record("resp_late", OWNER))
