@@ -9,9 +9,10 @@ it ends — never per token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -113,67 +114,48 @@ class TimedStore:
             "save_response", "load_lineage", "get_response", "delete_response",
             "list_input_items", "get_items", "purge_expired", "check_writable")}
 
-    def _done(self, name: str, started: float) -> None:
-        self._timers[name].observe(time.perf_counter() - started)
+    @contextlib.contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timers[name].observe(time.perf_counter() - started)
 
     async def save_response(self, record: StoredResponse) -> None:
-        started = time.perf_counter()
-        try:
+        with self._timed("save_response"):
             await self.inner.save_response(record)
-        finally:
-            self._done("save_response", started)
 
     async def load_lineage(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
-        started = time.perf_counter()
-        try:
+        with self._timed("load_lineage"):
             return await self.inner.load_lineage(owner, response_id)
-        finally:
-            self._done("load_lineage", started)
 
     async def get_response(self, owner: str, response_id: str) -> dict[str, Any] | None:
-        started = time.perf_counter()
-        try:
+        with self._timed("get_response"):
             return await self.inner.get_response(owner, response_id)
-        finally:
-            self._done("get_response", started)
 
     async def delete_response(self, owner: str, response_id: str) -> bool:
-        started = time.perf_counter()
-        try:
+        with self._timed("delete_response"):
             return await self.inner.delete_response(owner, response_id)
-        finally:
-            self._done("delete_response", started)
 
     async def list_input_items(self, owner: str, response_id: str, *, limit: int = 20,
                                order: str = "desc", after: str | None = None,
                                before: str | None = None) -> InputItemsPage | None:
-        started = time.perf_counter()
-        try:
+        with self._timed("list_input_items"):
             return await self.inner.list_input_items(owner, response_id, limit=limit,
                                                      order=order, after=after, before=before)
-        finally:
-            self._done("list_input_items", started)
 
     async def get_items(self, owner: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        started = time.perf_counter()
-        try:
+        with self._timed("get_items"):
             return await self.inner.get_items(owner, item_ids)
-        finally:
-            self._done("get_items", started)
 
     async def purge_expired(self, now: float | None = None) -> int:
-        started = time.perf_counter()
-        try:
+        with self._timed("purge_expired"):
             return await self.inner.purge_expired(now)
-        finally:
-            self._done("purge_expired", started)
 
     async def check_writable(self, timeout: float = 1.0) -> bool:  # noqa: ASYNC109
-        started = time.perf_counter()
-        try:
+        with self._timed("check_writable"):
             return await self.inner.check_writable(timeout)
-        finally:
-            self._done("check_writable", started)
 
     async def stats(self) -> dict[str, Any]:
         return await self.inner.stats()

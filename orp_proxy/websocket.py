@@ -36,7 +36,7 @@ from .auth import UPSTREAM_AUTHORIZATION
 from .errors import SERVER_ERROR, ApiError
 from .handlers import credential, request_id
 from .pipeline import load_history, start_exchange
-from .sse import dumps
+from .sse import json_bytes
 from .state import GATEWAY, Gateway
 from .transcoder import Event
 from .validation import validate_create_body
@@ -187,7 +187,8 @@ class _Connection:
     async def _send(self, events: list[Event]) -> None:
         try:
             for event in events:
-                await self.ws.send_str(dumps(event))
+                # A text frame from bytes encoded once (send_str would re-encode the str).
+                await self.ws.send_frame(json_bytes(event), WSMsgType.TEXT)
         except ConnectionError:
             raise _ClientGone() from None
 

@@ -81,6 +81,20 @@ def record(
     )
 
 
+def count_write_transactions(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+                             ) -> list[None]:
+    """A list that gets one entry per write transaction the store runs from now on."""
+    seen: list[None] = []
+    original = store._write
+
+    async def counting(body: Any) -> Any:
+        seen.append(None)
+        return await original(body)
+
+    monkeypatch.setattr(store, "_write", counting)
+    return seen
+
+
 def texts(items: list[dict[str, Any]] | None) -> list[str]:
     assert items is not None
     return [item["content"][0]["text"] for item in items]
@@ -466,17 +480,9 @@ async def test_purge_expired_in_batches(
     await store.save_response(record("resp_future", OWNER, expires_at=now + 1))
     await store.save_response(record("resp_forever", OWNER))
 
-    transactions = 0
-    original = store._write
-
-    async def counting(body: Any) -> Any:
-        nonlocal transactions
-        transactions += 1
-        return await original(body)
-
-    monkeypatch.setattr(store, "_write", counting)
+    transactions = count_write_transactions(store, monkeypatch)
     assert await store.purge_expired(now) == 23
-    assert transactions == 5  # 7 + 7 + 7 + 2, then one that finds nothing more
+    assert len(transactions) == 5  # 7 + 7 + 7 + 2, then one that finds nothing more
     assert await store.purge_expired(now) == 0
     stats = await store.stats()
     assert stats["responses"] == 2 and stats["items"] == 4
@@ -574,18 +580,10 @@ async def test_purge_removes_dead_chains_in_one_run_and_keeps_live_ones(
     await store.save_response(record("other_child", OTHER, "dead_lone", expires_at=now + 1))
     dead += 1
 
-    transactions = 0
-    original = store._write
-
-    async def counting(body: Any) -> Any:
-        nonlocal transactions
-        transactions += 1
-        return await original(body)
-
-    monkeypatch.setattr(store, "_write", counting)
+    transactions = count_write_transactions(store, monkeypatch)
     assert await store.purge_expired(now) == dead == 45
     # A chain goes up to a batch at a time, not one transaction per turn.
-    assert transactions <= dead // 7 + 3
+    assert len(transactions) <= dead // 7 + 3
     assert await store.purge_expired(now) == 0
     assert (await store.stats())["responses"] == 12 + 3 + 1
     lineage = texts(await store.load_lineage(OWNER, "live_11"))
