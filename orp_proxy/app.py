@@ -16,18 +16,19 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from .access import access_middleware, setup_access_log
-from .auth import setup_auth
-from .config import Settings, load_settings
-from .handlers import error_middleware, setup_routes
-from .health import setup_health
-from .keepalive import streams_ctx
-from .metrics import TimedStore, setup_metrics
-from .scrub import Scrubber
-from .state import GATEWAY, Gateway
-from .store import SQLiteStore
-from .upstream import RetryPolicy, UpstreamClient
-from .validation import RequestLimits
+from orp_proxy.config import Settings, load_settings
+from orp_proxy.http.middleware import error_middleware
+from orp_proxy.http.routes import setup_routes
+from orp_proxy.ops.access import access_middleware, setup_access_log
+from orp_proxy.ops.auth import setup_auth
+from orp_proxy.ops.health import setup_health
+from orp_proxy.ops.keepalive import streams_ctx
+from orp_proxy.ops.metrics import TimedStore, setup_metrics
+from orp_proxy.protocol.validation import RequestLimits
+from orp_proxy.state import GATEWAY, Gateway
+from orp_proxy.store.sqlite import SQLiteStore
+from orp_proxy.upstream.client import RetryPolicy, UpstreamClient
+from orp_proxy.upstream.scrub import Scrubber
 
 log = logging.getLogger("orp.app")
 
@@ -40,7 +41,7 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as opened:
         base_url = settings.upstream_url
         if base_url is None:
-            from .mock_upstream import start_mock_upstream
+            from orp_proxy.upstream.mock import start_mock_upstream
 
             _, mock_runner, base_url = await start_mock_upstream("127.0.0.1", 0)
             opened.push_async_callback(mock_runner.cleanup)

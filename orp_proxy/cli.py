@@ -9,8 +9,8 @@ import sys
 import textwrap
 from typing import Any
 
-from . import __version__
-from .config import SETTINGS, ConfigError, Settings, load_settings
+from orp_proxy import __version__
+from orp_proxy.config import SETTINGS, ConfigError, Settings, load_settings
 
 
 def _flag(field: str) -> str:
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
             Development: `orp-proxy serve` runs one process on uvloop.
             Production: gunicorn with aiohttp workers and the shipped config, which reads
             the same settings (plus ORP_WORKERS, ORP_GRACEFUL_TIMEOUT, ...):
-              gunicorn -c python:orp_proxy.gunicorn_conf orp_proxy.app:create_app
+              gunicorn -c python:orp_proxy.ops.gunicorn_conf orp_proxy.app:create_app
             and under systemd the unit in systemd/ (see README, "Production").
             """),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,8 +74,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _serve(settings: Settings) -> None:
     from aiohttp import web
 
-    from .access import configure_access_logging
-    from .app import build_app
+    from orp_proxy.app import build_app
+    from orp_proxy.ops.access import configure_access_logging
 
     loop: asyncio.AbstractEventLoop
     try:
@@ -98,7 +98,7 @@ def _serve(settings: Settings) -> None:
 
 
 async def _store_action(settings: Settings, action: str) -> dict[str, Any]:
-    from .store import SQLiteStore
+    from orp_proxy.store.sqlite import SQLiteStore
 
     store = await SQLiteStore.open(settings.db_path,
                                      owner_secret=settings.resolved_owner_secret())

@@ -1,8 +1,9 @@
 """One proxied response: upstream chunks → transcoder → client, with the store on the side.
 
-The same pump serves streaming (events written as they come) and JSON (events dropped, the
-final response returned). A stored response is committed before its terminal event or JSON body
-leaves, so an immediate follow-up with `previous_response_id` finds it, on any worker.
+The same pump serves every transport: each hands `run` a `Transport` (SSE writes events as they
+come, WebSocket sends frames, JSON drops them and returns the final response). A stored response
+is committed before its terminal event or JSON body leaves, so an immediate follow-up with
+`previous_response_id` finds it, on any worker.
 """
 
 from __future__ import annotations
@@ -12,16 +13,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from aiohttp import web
-
-from .errors import MODEL_ERROR, SERVER_ERROR, ApiError
-from .keepalive import STREAMS, LiveStream
-from .sse import DONE_BLOCK, encode_events
-from .store import ResponseStore, StoredResponse
-from .transcoder import Event, ToolNotAllowed, Transcoder
-from .upstream import UpstreamStream, UpstreamStreamError
+from orp_proxy.errors import MODEL_ERROR, SERVER_ERROR, ApiError
+from orp_proxy.protocol.transcoder import Event, ToolNotAllowed, Transcoder
+from orp_proxy.store import ResponseStore, StoredResponse
+from orp_proxy.upstream.client import UpstreamStream, UpstreamStreamError
 
 log = logging.getLogger("orp.exchange")
 
@@ -29,16 +26,21 @@ log = logging.getLogger("orp.exchange")
 # Failures of the gateway itself are 500; everything else failed upstream of us (502/504).
 _FAILURE_STATUS = {"upstream_timeout": 504, "store_failed": 500, "internal_error": 500}
 
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # nginx and similar proxies must not buffer the stream
-}
+class ClientGone(Exception):
+    """Delivering events failed: the client closed the connection or it broke."""
 
 
-# Set once an SSE response is prepared: from then on an error cannot become an HTTP error
-# response (it would land inside the stream body); the connection is closed instead.
-STREAM_STARTED = web.RequestKey("orp_stream_started", bool)
+class Transport(Protocol):
+    """How one transport delivers a response's events to its client."""
+
+    async def send(self, events: list[Event]) -> None:
+        """Deliver events as they come (raises `ConnectionError`/`ClientGone` if the client is
+        gone)."""
+        ...
+
+    async def finish(self, events: list[Event]) -> None:
+        """Deliver the last events (the terminal one among them) and end the response."""
+        ...
 
 
 class _DeliveryFailed(Exception):
@@ -157,61 +159,47 @@ class Exchange:
                 log.exception("storing interrupted response %s failed",
                               self.transcoder.response["id"])
 
-    async def stream(self, request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
-        """Write the events as server-sent events."""
-        resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+    async def run(self, transport: Transport) -> dict[str, Any]:
+        """Run the response to its end through `transport`; returns the final response object.
+
+        Every transport (SSE, WebSocket, JSON) delivers the same events this one way. A client
+        that goes away raises `ClientGone` (or the cancellation) after the response is kept as
+        `incomplete`."""
         tc = self.transcoder
         tc.start()
-        # Idle streams get keep-alive comments from the worker's sweeper (see keepalive.py).
-        streams = request.app[STREAMS]
-        live: LiveStream | None = None
         try:
-            await resp.prepare(request)
-            request[STREAM_STARTED] = True
-            await resp.write(encode_events(tc.take()))
-            live = opened = streams.open(request, resp)
-
-            async def deliver(events: list[Event]) -> None:
-                await resp.write(encode_events(events))
-                opened.writes += 1
-
-            await self.pump(deliver)
-            final = await self.settle()
-            streams.close(opened)
-            await resp.write(encode_events(final) + DONE_BLOCK)
-            await resp.write_eof()
-        except ConnectionError:  # includes the reset aiohttp raises on a write to a gone client
+            await transport.send(tc.take())
+            await self.pump(transport.send)
+            await transport.finish(await self.settle())
+        except (ConnectionError, ClientGone):  # a write to a gone client
             await self.interrupted()
+            raise ClientGone() from None
         except asyncio.CancelledError:
             await self.interrupted()
             raise
         finally:
-            if live is not None:
-                streams.close(live)
             self.upstream.close()
-        return resp
+        return tc.response
 
     async def collect(self) -> dict[str, Any]:
         """Run to the end and return the final response object (JSON mode)."""
-        tc = self.transcoder
-        tc.start()
-        tc.take()
-
-        async def drop(events: list[Event]) -> None:
-            return None
-
-        try:
-            await self.pump(drop)
-            await self.settle()
-        except asyncio.CancelledError:
-            await self.interrupted()
-            raise
-        finally:
-            self.upstream.close()
-        response = tc.response
+        response = await self.run(_DISCARD)
         if response["status"] == "failed":
             error = response["error"]
             raise ApiError(_FAILURE_STATUS.get(error["code"], 502), error["message"],
                            type=MODEL_ERROR if error["code"] == "tool_not_allowed"
                            else SERVER_ERROR, code=error["code"])
         return response
+
+
+class _Discard:
+    """JSON mode: the events are not delivered, only the final response counts."""
+
+    async def send(self, events: list[Event]) -> None:
+        return None
+
+    async def finish(self, events: list[Event]) -> None:
+        return None
+
+
+_DISCARD = _Discard()

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ApiError
-from .exchange import Exchange, Persistence
-from .resource import build_response
-from .state import Gateway
-from .summaries import replay_compactions
-from .transcoder import Transcoder
-from .translate import (
+from orp_proxy.errors import ApiError
+from orp_proxy.exchange import Exchange, Persistence
+from orp_proxy.protocol.resource import build_response
+from orp_proxy.protocol.summaries import replay_compactions
+from orp_proxy.protocol.transcoder import Transcoder
+from orp_proxy.protocol.translate import (
     allowed_tool_names,
     build_chat_request,
     item_type,
     normalize_input,
     to_chat_messages,
 )
+from orp_proxy.state import Gateway
 
 
 def previous_not_found(previous_id: str) -> ApiError:

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from .config import Settings
-from .store import ResponseStore
-from .summaries import CompactionCipher
-from .upstream import UpstreamClient
-from .validation import DEFAULT_LIMITS, RequestLimits
+from orp_proxy.config import Settings
+from orp_proxy.protocol.summaries import CompactionCipher
+from orp_proxy.protocol.validation import DEFAULT_LIMITS, RequestLimits
+from orp_proxy.store import ResponseStore
+from orp_proxy.upstream.client import UpstreamClient
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.compaction = CompactionCipher.create(self.settings.resolved_compaction_key(),
-                                                  self.store)
+                                                  self.store.owner_id)
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

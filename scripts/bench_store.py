@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ujson
 
-from orp_proxy.store import SQLiteStore, StoredResponse
+from orp_proxy.store.sqlite import SQLiteStore, StoredResponse
 
 
 def _user_item(turn: int) -> dict[str, Any]:

@@ -10,10 +10,10 @@ import os
 import sys
 
 try:
-    from orp_proxy.mock_upstream import main
+    from orp_proxy.upstream.mock import main
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from orp_proxy.mock_upstream import main
+    from orp_proxy.upstream.mock import main
 
 if __name__ == "__main__":
     main()

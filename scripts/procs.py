@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"  # loopback only, by design
 START_TIMEOUT = 30.0
 MOCK_UPSTREAM = ROOT / "scripts" / "mock_upstream.py"
-GUNICORN_CONF = ("-c", "python:orp_proxy.gunicorn_conf")  # the shipped configuration
+GUNICORN_CONF = ("-c", "python:orp_proxy.ops.gunicorn_conf")  # the shipped configuration
 GUNICORN_LISTENING = r"Listening at: (http://\S+)"
 MOCK_LISTENING = r"listening on (http://\S+)"
 

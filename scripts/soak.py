@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak ORP: many concurrent chained conversations for minutes, then check nothing was lost.
 
-Starts the mock upstream and ORP under gunicorn (the shipped `orp_proxy.gunicorn_conf`, gateway
+Starts the mock upstream and ORP under gunicorn (the shipped `orp_proxy.ops.gunicorn_conf`, gateway
 keys for four tenants) as subprocesses on loopback ports, then keeps `--concurrency`
 conversations going for `--seconds`: each conversation is `--turns` turns chained with
 `previous_response_id`, alternating streamed and JSON turns. Afterwards it checks that:

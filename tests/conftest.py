@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from orp_proxy.app import build_app
 from orp_proxy.config import Settings
-from orp_proxy.mock_upstream import MockUpstream
+from orp_proxy.upstream.mock import MockUpstream
 from tests.sse_check import parse_sse
 
 ServerFactory = Callable[..., Awaitable[TestServer]]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 from typing import Any
 
 import openresponses_types.types as ort
@@ -20,7 +21,11 @@ from openresponses.streaming import SSEParser, StreamState
 from openresponses.types.protocol import StreamingEventAdapter
 from pydantic import BaseModel
 
-from orp_proxy.resource import RESPONSE_KEYS
+_SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "openapi-2026-04-24.json"
+# Every key the spec marks required on a ResponseResource.
+RESPONSE_KEYS: tuple[str, ...] = tuple(
+    json.loads(_SPEC.read_text())["components"]["schemas"]["ResponseResource"]["required"])
+
 
 EVENT_MODELS: dict[str, type[BaseModel]] = {}
 for _name, _cls in vars(ort).items():
@@ -94,7 +99,7 @@ def parse_sse(data: bytes) -> tuple[list[dict[str, Any]], bool]:
 
 def check_events(events: list[dict[str, Any]]) -> None:
     """The same checks for events that were not encoded (the transcoder's direct output)."""
-    from orp_proxy.sse import DONE_BLOCK, encode_events
+    from orp_proxy.protocol.sse import DONE_BLOCK, encode_events
 
     parsed, done = parse_sse(encode_events(events) + DONE_BLOCK)
     assert done and parsed == json.loads(json.dumps(events))

@@ -1,4 +1,4 @@
-"""The application's per-worker resources (orp_proxy.app, orp_proxy.health): a start-up that
+"""The application's per-worker resources (orp_proxy.app, orp_proxy.ops.health): a start-up that
 fails half-way closes what it opened, and the upstream probe uses the client's own URL and key.
 """
 
@@ -17,10 +17,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from orp_proxy import mock_upstream
 from orp_proxy.app import build_app
 from orp_proxy.config import Settings
-from orp_proxy.mock_upstream import text_chunks
+from orp_proxy.upstream import mock as mock_upstream
+from orp_proxy.upstream.mock import text_chunks
 from tests.conftest import Proxy
 
 StartProxy = Callable[[Settings], Awaitable[Proxy]]

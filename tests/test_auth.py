@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from orp_proxy import auth as auth_module
-from orp_proxy.auth import Authenticator, load_api_keys
 from orp_proxy.config import ConfigError, Settings, load_settings
-from orp_proxy.mock_upstream import MockUpstream, Scenario
+from orp_proxy.ops import auth as auth_module
+from orp_proxy.ops.auth import Authenticator, load_api_keys
+from orp_proxy.upstream.mock import MockUpstream, Scenario
 from scripts import procs
 from tests.conftest import Proxy
 from tests.test_e2e_http import error_of

@@ -13,11 +13,11 @@ import openresponses_types.types as ort
 import pytest
 from openresponses import AsyncOpenResponses
 
-from orp_proxy.compaction import SUMMARY_REQUEST
 from orp_proxy.config import ConfigError, Settings
-from orp_proxy.mock_upstream import MockUpstream, Scenario, text_chunks, usage_dict
-from orp_proxy.store import SQLiteStore
-from orp_proxy.summaries import SUMMARY_PREFIX, CompactionCipher, SealedSummaryError
+from orp_proxy.http.compact import SUMMARY_REQUEST
+from orp_proxy.protocol.summaries import SUMMARY_PREFIX, CompactionCipher, SealedSummaryError
+from orp_proxy.store.sqlite import SQLiteStore
+from orp_proxy.upstream.mock import MockUpstream, Scenario, text_chunks, usage_dict
 from tests.conftest import Proxy
 
 StartProxy = Callable[[Settings], Awaitable[Proxy]]
@@ -290,19 +290,19 @@ async def test_cipher_keys(tmp_path: Path) -> None:
     store = await SQLiteStore.open(str(tmp_path / "a.sqlite3"))
     other = await SQLiteStore.open(str(tmp_path / "b.sqlite3"))
     try:
-        derived = CompactionCipher.create(None, store)
+        derived = CompactionCipher.create(None, store.owner_id)
         blob = derived.seal("owner-1", "the summary")
         assert derived.open("owner-1", blob) == "the summary"
         # Bound to its owner, and to the deployment (another database: another random key).
         with pytest.raises(SealedSummaryError):
             derived.open("owner-2", blob)
         with pytest.raises(SealedSummaryError):
-            CompactionCipher.create(None, other).open("owner-1", blob)
+            CompactionCipher.create(None, other.owner_id).open("owner-1", blob)
         # The same database gives every worker the same key.
-        assert CompactionCipher.create(None, store).open("owner-1", blob) == "the summary"
+        assert CompactionCipher.create(None, store.owner_id).open("owner-1", blob) == "the summary"
         # Keys too short to be secrets stop start-up, without echoing them.
         with pytest.raises(ConfigError) as caught:
-            CompactionCipher.create("short-secret", store)
+            CompactionCipher.create("short-secret", store.owner_id)
         assert "short-secret" not in str(caught.value)
         with pytest.raises(ConfigError):
             CompactionCipher.create(" , ", store)

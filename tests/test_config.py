@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orp_proxy.auth import load_api_keys
 from orp_proxy.config import ConfigError, Settings, load_settings, redacted_url
+from orp_proxy.ops.auth import load_api_keys
 
 
 @pytest.mark.parametrize("raw", ["-60", "nan", "inf", "-inf", "soon"])

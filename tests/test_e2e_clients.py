@@ -11,7 +11,7 @@ import openai
 import pytest
 from openresponses import AsyncOpenResponses
 
-from orp_proxy.mock_upstream import (
+from orp_proxy.upstream.mock import (
     MockUpstream,
     Scenario,
     reasoning_chunks,

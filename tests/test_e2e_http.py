@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from orp_proxy.config import Settings
-from orp_proxy.mock_upstream import (
+from orp_proxy.upstream.mock import (
     MockUpstream,
     Scenario,
     encode_sse,

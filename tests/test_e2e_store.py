@@ -26,7 +26,8 @@ import pytest
 
 from orp_proxy.app import SETTINGS
 from orp_proxy.config import Settings
-from orp_proxy.mock_upstream import (
+from orp_proxy.store.sqlite import SQLiteStore, StoredResponse
+from orp_proxy.upstream.mock import (
     MockUpstream,
     Scenario,
     encode_sse,
@@ -34,7 +35,6 @@ from orp_proxy.mock_upstream import (
     tool_call_chunks,
     usage_dict,
 )
-from orp_proxy.store import SQLiteStore, StoredResponse
 from tests.conftest import Proxy
 from tests.sse_check import check_response_object
 

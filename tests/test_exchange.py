@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from orp_proxy.exchange import Exchange, Persistence
-from orp_proxy.resource import build_response
+from orp_proxy.protocol.resource import build_response
+from orp_proxy.protocol.transcoder import Event, Transcoder
 from orp_proxy.store import StoredResponse
-from orp_proxy.transcoder import Event, Transcoder
 
 
 class FakeUpstream:

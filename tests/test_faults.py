@@ -24,8 +24,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from orp_proxy.config import Settings
-from orp_proxy.mock_upstream import MockUpstream, Scenario, encode_sse, text_chunks
-from orp_proxy.upstream import RetryPolicy, retry_after_seconds
+from orp_proxy.upstream.client import RetryPolicy, retry_after_seconds
+from orp_proxy.upstream.mock import MockUpstream, Scenario, encode_sse, text_chunks
 from tests.conftest import Proxy
 from tests.sse_check import parse_sse
 from tests.test_e2e_http import error_of, failed_stream

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from orp_proxy.app import build_app
 from orp_proxy.config import Settings
-from orp_proxy.mock_upstream import MockUpstream, start_mock_upstream
+from orp_proxy.upstream.mock import MockUpstream, start_mock_upstream
 from tests.conftest import Proxy
 from tests.test_e2e_http import error_of
 

@@ -31,7 +31,7 @@ import pytest
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from orp_proxy.mock_upstream import MockUpstream, Scenario, start_mock_upstream, text_chunks
+from orp_proxy.upstream.mock import MockUpstream, Scenario, start_mock_upstream, text_chunks
 from scripts import procs
 from tests.sse_check import parse_sse
 

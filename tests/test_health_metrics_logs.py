@@ -22,10 +22,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orp_proxy import health
 from orp_proxy.app import build_app
 from orp_proxy.config import Settings
-from orp_proxy.mock_upstream import MockUpstream, Scenario, text_chunks, usage_dict
+from orp_proxy.ops import health
+from orp_proxy.upstream.mock import MockUpstream, Scenario, text_chunks, usage_dict
 from scripts import procs
 from tests.conftest import Proxy
 from tests.sse_check import parse_sse

@@ -1,4 +1,4 @@
-"""Tests of the scripted Chat Completions mock upstream (orp_proxy.mock_upstream)."""
+"""Tests of the scripted Chat Completions mock upstream (orp_proxy.upstream.mock)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from orp_proxy.mock_upstream import (
+from orp_proxy.upstream.mock import (
     KNOWN_MODELS,
     MOCK_UPSTREAM_KEY,
     MockUpstream,

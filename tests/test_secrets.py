@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from orp_proxy.config import Settings
-from orp_proxy.mock_upstream import MockUpstream, Scenario, encode_sse, text_chunks
-from orp_proxy.scrub import Scrubber
+from orp_proxy.upstream.mock import MockUpstream, Scenario, encode_sse, text_chunks
+from orp_proxy.upstream.scrub import Scrubber
 from tests.conftest import Proxy
 from tests.test_e2e_http import error_of
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from orp_proxy.mock_upstream import text_chunks
-from orp_proxy.resource import build_response
-from orp_proxy.sse import DONE_BLOCK, encode_events
-from orp_proxy.transcoder import Transcoder
+from orp_proxy.protocol.resource import build_response
+from orp_proxy.protocol.sse import DONE_BLOCK, encode_events
+from orp_proxy.protocol.transcoder import Transcoder
+from orp_proxy.upstream.mock import text_chunks
 from tests.sse_check import parse_sse
 
 

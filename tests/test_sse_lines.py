@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orp_proxy.sse_lines import DONE, LineTooLong, SSELineBuffer
+from orp_proxy.protocol.sse_lines import DONE, LineTooLong, SSELineBuffer
 
 
 def feed_all(pieces: list[bytes], cap: int = 1 << 20) -> list[bytes]:

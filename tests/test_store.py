@@ -1,4 +1,4 @@
-"""Tests of the SQLite response store (orp_proxy.store)."""
+"""Tests of the SQLite response store (orp_proxy.store.sqlite)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from orp_proxy import store as store_module
-from orp_proxy.store import SCHEMA_VERSION, ResponseStore, SQLiteStore, StoredResponse
+from orp_proxy.store import sqlite as store_module
+from orp_proxy.store.sqlite import SCHEMA_VERSION, ResponseStore, SQLiteStore, StoredResponse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -727,7 +727,7 @@ async def test_stats_and_vacuum(store: SQLiteStore, db_path: str) -> None:
 _WORKER = textwrap.dedent(
     """
     import asyncio, json, os, sys
-    from orp_proxy.store import SQLiteStore, StoredResponse
+    from orp_proxy.store.sqlite import SQLiteStore, StoredResponse
 
     async def bump(store):
         rows = await store._fetch("SELECT value FROM meta WHERE key = 'counter'")

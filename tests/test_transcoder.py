@@ -11,7 +11,10 @@ import ujson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orp_proxy.mock_upstream import (
+from orp_proxy.protocol.resource import build_response
+from orp_proxy.protocol.sse_lines import DONE, SSELineBuffer
+from orp_proxy.protocol.transcoder import ToolNotAllowed, Transcoder
+from orp_proxy.upstream.mock import (
     encode_sse,
     reasoning_chunks,
     refusal_chunks,
@@ -19,9 +22,6 @@ from orp_proxy.mock_upstream import (
     tool_call_chunks,
     usage_dict,
 )
-from orp_proxy.resource import build_response
-from orp_proxy.sse_lines import DONE, SSELineBuffer
-from orp_proxy.transcoder import ToolNotAllowed, Transcoder
 from tests.sse_check import check_events
 
 TOOLS = [{"type": "function", "name": "get_weather"}, {"type": "function", "name": "send"}]
@@ -368,7 +368,7 @@ def test_templated_text_delta_equals_generic_encoding(delta: str, seq: int, out:
                                                       content: int) -> None:
     import json
 
-    from orp_proxy.sse import encode_event, encode_events
+    from orp_proxy.protocol.sse import encode_event, encode_events
 
     event = {"type": "response.output_text.delta", "item_id": "msg_0a1b", "output_index": out,
              "content_index": content, "delta": delta, "logprobs": [], "sequence_number": seq}
@@ -382,7 +382,7 @@ def test_templated_text_delta_equals_generic_encoding(delta: str, seq: int, out:
 def test_lone_surrogate_in_a_batch_still_encodes_as_valid_utf8_json() -> None:
     import json
 
-    from orp_proxy.sse import encode_events
+    from orp_proxy.protocol.sse import encode_events
 
     events = [{"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0,
                "content_index": 0, "delta": "ok", "logprobs": [], "sequence_number": 1},

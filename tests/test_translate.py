@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from orp_proxy.config import Settings
-from orp_proxy.translate import (
+from orp_proxy.protocol.translate import (
     allowed_tool_names,
     build_chat_request,
     normalize_input,

@@ -1,5 +1,5 @@
-"""Reading the upstream's body (orp_proxy.upstream): connection reuse when the body ends after
-`[DONE]`, bounds on a non-streamed JSON answer, its shape, and error-message scrubbing.
+"""Reading the upstream's body (orp_proxy.upstream.client): connection reuse when the body ends
+after `[DONE]`, bounds on a non-streamed JSON answer, its shape, and error-message scrubbing.
 
 The upstreams here are plain aiohttp servers on 127.0.0.1 that misbehave in one precise way.
 """
@@ -18,12 +18,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from orp_proxy import upstream as upstream_module
 from orp_proxy.config import Settings
-from orp_proxy.mock_upstream import MockUpstream, Scenario
-from orp_proxy.scrub import Scrubber
 from orp_proxy.state import GATEWAY
-from orp_proxy.upstream import UpstreamStreamError, completion_as_chunk, status_error
+from orp_proxy.upstream import client as upstream_module
+from orp_proxy.upstream.client import UpstreamStreamError, completion_as_chunk, status_error
+from orp_proxy.upstream.mock import MockUpstream, Scenario
+from orp_proxy.upstream.scrub import Scrubber
 from tests.conftest import Proxy
 from tests.test_e2e_http import error_of
 

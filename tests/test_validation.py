@@ -1,5 +1,5 @@
-"""Tests for orp_proxy.validation: valid bodies pass untouched, invalid ones fail with a 400
-naming the exact path and an OpenAI-style code."""
+"""Tests for orp_proxy.protocol.validation: valid bodies pass untouched, invalid ones fail with a
+400 naming the exact path and an OpenAI-style code."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orp_proxy.errors import ApiError
-from orp_proxy.validation import (
+from orp_proxy.protocol.validation import (
     DEFAULT_LIMITS,
     RequestLimits,
     validate_compact_body,

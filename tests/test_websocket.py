@@ -23,7 +23,7 @@ from openresponses.streaming import StreamState
 from openresponses.types.protocol import StreamingEventAdapter
 
 from orp_proxy.config import Settings
-from orp_proxy.mock_upstream import MockUpstream, Scenario, text_chunks, usage_dict
+from orp_proxy.upstream.mock import MockUpstream, Scenario, text_chunks, usage_dict
 from tests.conftest import Proxy
 from tests.sse_check import TERMINAL, check_event
 

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import metrics
-from .errors import HTTP_ERROR_CODES, ApiError
-from .sse import dumps
-from .state import GATEWAY
+from orp_proxy.errors import HTTP_ERROR_CODES, ApiError
+from orp_proxy.ops import metrics
+from orp_proxy.protocol.sse import dumps
+from orp_proxy.state import GATEWAY
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from .exchange import Exchange
+    from orp_proxy.exchange import Exchange
 
 log = logging.getLogger("orp.access")
 

@@ -11,15 +11,6 @@ import time
 import uuid
 from typing import Any
 
-RESPONSE_KEYS = (
-    "id", "object", "created_at", "completed_at", "status", "incomplete_details", "model",
-    "previous_response_id", "instructions", "output", "error", "tools", "tool_choice",
-    "truncation", "parallel_tool_calls", "text", "top_p", "presence_penalty",
-    "frequency_penalty", "top_logprobs", "temperature", "reasoning", "usage",
-    "max_output_tokens", "max_tool_calls", "store", "background", "service_tier", "metadata",
-    "safety_identifier", "prompt_cache_key",
-)
-
 
 def new_id(prefix: str) -> str:
     """`resp_…`, `msg_…`, `fc_…`, `rs_…`: a prefix and 32 random hex digits."""

@@ -42,10 +42,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 import ujson
+
+from orp_proxy.store.base import InputItemsPage, ResponseStore, StoredResponse
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -204,95 +206,6 @@ def _loads_list(bodies: Iterable[str]) -> list[dict[str, Any]]:
     # One parse of the joined array is much faster than one ujson.loads call per item.
     items: list[dict[str, Any]] = ujson.loads("[" + ",".join(bodies) + "]")
     return items
-
-
-@dataclass
-class StoredResponse:
-    """One response as saved after it finished (or failed)."""
-
-    id: str
-    owner: str
-    previous_response_id: str | None
-    created_at: int
-    status: str
-    response: dict[str, Any]
-    input_items: list[dict[str, Any]]
-    expires_at: float | None = None
-
-
-@dataclass
-class InputItemsPage:
-    """A page of `GET /v1/responses/{id}/input_items`."""
-
-    data: list[dict[str, Any]]
-    has_more: bool
-
-
-class ResponseStore(Protocol):
-    """What the HTTP handlers need from a response store (a server database could provide it)."""
-
-    async def save_response(self, record: StoredResponse) -> None:
-        """Insert or replace a response with its input and output items, atomically."""
-        ...
-
-    async def load_lineage(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
-        """Items to continue from `response_id`: each turn's input then output, oldest first.
-
-        None when the response is unknown to this owner or expired. Expired ancestors are
-        included; a missing one (deleted, purged) ends the walk: the context starts after the gap.
-        """
-        ...
-
-    async def get_response(self, owner: str, response_id: str) -> dict[str, Any] | None:
-        """The ResponseResource as sent to the client, or None (unknown or expired)."""
-        ...
-
-    async def delete_response(self, owner: str, response_id: str) -> bool:
-        """Delete a response and its items; its children keep theirs. False if unknown or
-        expired."""
-        ...
-
-    async def list_input_items(
-        self,
-        owner: str,
-        response_id: str,
-        *,
-        limit: int = 20,
-        order: str = "desc",
-        after: str | None = None,
-        before: str | None = None,
-    ) -> InputItemsPage | None:
-        """A page of a live response's input items with OpenAI's cursor semantics, or None."""
-        ...
-
-    async def get_items(self, owner: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Items of this owner's live responses by id; unknown ids are left out."""
-        ...
-
-    async def purge_expired(self, now: float | None = None) -> int:
-        """Delete expired responses that no response continues from; returns how many."""
-        ...
-
-    # The name `timeout` is part of the agreed interface (ASYNC109 prefers asyncio.timeout).
-    async def check_writable(self, timeout: float = 1.0) -> bool:  # noqa: ASYNC109
-        """True if a small write transaction commits within `timeout` seconds."""
-        ...
-
-    async def stats(self) -> dict[str, Any]:
-        """Counts and sizes for the admin and metrics endpoints."""
-        ...
-
-    async def vacuum(self) -> None:
-        """Give free pages back to the file system."""
-        ...
-
-    def owner_id(self, credential: str | None) -> str:
-        """The opaque owner of requests made with `credential` (None: anonymous)."""
-        ...
-
-    async def close(self) -> None:
-        """Finish pending writes and release the database."""
-        ...
 
 
 class SQLiteStore:

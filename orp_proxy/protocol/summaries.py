@@ -15,7 +15,7 @@ text derived from user-supplied content, and must not gain the authority of inst
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ujson
@@ -23,9 +23,8 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .config import ConfigError
-from .errors import ApiError
-from .store import ResponseStore
+from orp_proxy.config import ConfigError
+from orp_proxy.errors import ApiError
 
 MIN_KEY_LENGTH = 32
 SUMMARY_PREFIX = "Summary of the earlier conversation:\n\n"
@@ -55,10 +54,12 @@ class CompactionCipher:
         self._box = MultiFernet([_fernet(secret) for secret in secrets])
 
     @classmethod
-    def create(cls, configured: str | None, store: ResponseStore) -> CompactionCipher:
-        """From `ORP_COMPACTION_KEY` (comma-separated keys), or derived from the store's key."""
+    def create(cls, configured: str | None, owner_id: Callable[[str | None], str]
+               ) -> CompactionCipher:
+        """From `ORP_COMPACTION_KEY` (comma-separated keys), or derived from the store's key
+        (`owner_id`: the store's keyed hash of a credential)."""
         if configured is None:
-            return cls([store.owner_id(_DERIVATION_LABEL).encode()])
+            return cls([owner_id(_DERIVATION_LABEL).encode()])
         keys = [key.strip() for key in configured.split(",") if key.strip()]
         if not keys:
             raise ConfigError("ORP_COMPACTION_KEY=<redacted>: no key given")

@@ -31,15 +31,16 @@ from typing import Any
 import ujson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from .access import CLIENT_CLOSED, AccessRecord, write_access_line
-from .auth import UPSTREAM_AUTHORIZATION
-from .errors import SERVER_ERROR, ApiError
-from .handlers import credential, request_id
-from .pipeline import load_history, start_exchange
-from .sse import json_bytes
-from .state import GATEWAY, Gateway
-from .transcoder import Event
-from .validation import validate_create_body
+from orp_proxy.errors import SERVER_ERROR, ApiError
+from orp_proxy.exchange import ClientGone
+from orp_proxy.http.request import credential, request_id
+from orp_proxy.ops.access import CLIENT_CLOSED, AccessRecord, write_access_line
+from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
+from orp_proxy.pipeline import load_history, start_exchange
+from orp_proxy.protocol.sse import json_bytes
+from orp_proxy.protocol.transcoder import Event
+from orp_proxy.protocol.validation import validate_create_body
+from orp_proxy.state import GATEWAY, Gateway
 
 log = logging.getLogger("orp.websocket")
 
@@ -83,10 +84,6 @@ class _Recent:
 
     def evict(self, response_id: str) -> None:
         self._entries.pop(response_id, None)
-
-
-class _ClientGone(Exception):
-    """Sending failed: the client closed the connection or it broke."""
 
 
 def error_envelope(error: ApiError) -> dict[str, Any]:
@@ -171,12 +168,12 @@ class _Connection:
                 await self._turn(data)
             # A turn in progress at the deadline runs to its end; queued ones are not started.
             minutes = self.gateway.settings.ws_max_age_seconds / 60
-            await self._send([error_envelope(ApiError(
+            await self.send([error_envelope(ApiError(
                 400, f"The WebSocket connection reached its limit of {minutes:g} minutes. Open a "
                 "new connection to continue.", code=LIMIT_CODE))])
             self.closing = True
             await self.ws.close(code=WSCloseCode.OK, message=LIMIT_CODE.encode())
-        except _ClientGone:
+        except ClientGone:
             return
         except Exception:
             # A bug, not the client: say so with 1011 rather than vanish silently.
@@ -184,13 +181,16 @@ class _Connection:
             self.closing = True
             await self.ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
 
-    async def _send(self, events: list[Event]) -> None:
+    async def send(self, events: list[Event]) -> None:
+        """Deliver events, one text frame each (the exchange's `Transport`)."""
         try:
             for event in events:
                 # A text frame from bytes encoded once (send_str would re-encode the str).
                 await self.ws.send_frame(json_bytes(event), WSMsgType.TEXT)
         except ConnectionError:
-            raise _ClientGone() from None
+            raise ClientGone() from None
+
+    finish = send  # no `[DONE]` on this transport: the terminal event ends the turn
 
     # -- one turn ---------------------------------------------------------------------------
 
@@ -214,7 +214,7 @@ class _Connection:
             error = await self._run_turn(data, record)
             if error is not None:
                 status, error_code = error.status, error.code or f"http_{error.status}"
-        except (_ClientGone, asyncio.CancelledError):
+        except (ClientGone, asyncio.CancelledError):
             status = CLIENT_CLOSED
             raise
         finally:
@@ -251,19 +251,7 @@ class _Connection:
             # Continuing a `store: false` response into a stored one: the store has no parent to
             # walk back to, so this response keeps the whole context as its input.
             exchange.persist.input_items = [*history, *exchange.new_items]
-        tc = exchange.transcoder
-        tc.start()
-        try:
-            await self._send(tc.take())
-            await exchange.pump(self._send)
-            await self._send(await exchange.settle())
-        except (_ClientGone, asyncio.CancelledError):
-            if not tc.finished:
-                await exchange.interrupted()
-            raise
-        finally:
-            exchange.upstream.close()
-        response = tc.response
+        response = await exchange.run(self)
         if response["status"] == "failed":
             if previous_id:
                 self.recent.evict(previous_id)
@@ -276,7 +264,7 @@ class _Connection:
     async def _fail(self, error: ApiError, previous_id: str | None) -> None:
         if previous_id:
             self.recent.evict(previous_id)
-        await self._send([error_envelope(error)])
+        await self.send([error_envelope(error)])
 
 
 _CONNECTIONS = web.AppKey("orp_ws_connections", weakref.WeakSet[_Connection])

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .config import ConfigError, Settings, read_secret_file, secret_path
-from .errors import AUTHENTICATION, ApiError
+from orp_proxy.config import ConfigError, Settings, read_secret_file, secret_path
+from orp_proxy.errors import AUTHENTICATION, ApiError
 
 log = logging.getLogger("orp.auth")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .config import Settings
-from .resource import new_id
+from orp_proxy.config import Settings
+from orp_proxy.protocol.resource import new_id
 
 _ID_PREFIX = {
     "message": "msg",

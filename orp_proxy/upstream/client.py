@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import ujson
 
-from .errors import (
+from orp_proxy.errors import (
     AUTHENTICATION,
     INVALID_REQUEST,
     NOT_FOUND,
@@ -37,7 +37,7 @@ from .errors import (
     TOO_MANY_REQUESTS,
     ApiError,
 )
-from .sse_lines import DONE, LineTooLong, SSELineBuffer
+from orp_proxy.protocol.sse_lines import DONE, LineTooLong, SSELineBuffer
 
 log = logging.getLogger("orp.upstream")
 

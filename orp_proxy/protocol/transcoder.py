@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .resource import new_id, usage_from_chat
+from orp_proxy.protocol.resource import new_id, usage_from_chat
 
 Event = dict[str, Any]
 

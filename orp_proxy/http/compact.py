@@ -7,8 +7,9 @@ collected through the usual transcoder, so upstream errors and usage behave as f
 The result (`object: "response.compaction"`) is a compacted input window, not a stored response:
 every user message of the context, verbatim and in order (what the user asked is kept exactly, as
 OpenAI's endpoint does), then one `compaction` item whose `encrypted_content` seals the summary
-(see `summaries`). Earlier compaction items are folded into the new summary and not repeated.
-A later request that sends this window as its input gets the summary replayed in the item's place.
+(see `protocol.summaries`). Earlier compaction items are folded into the new summary and not
+repeated. A later request that sends this window as its input gets the summary replayed in the
+item's place.
 """
 
 from __future__ import annotations
@@ -18,18 +19,23 @@ from typing import Any
 
 from aiohttp import web
 
-from .access import attach_exchange
-from .auth import UPSTREAM_AUTHORIZATION
-from .errors import SERVER_ERROR, ApiError
-from .exchange import Exchange
-from .handlers import credential, json_response, read_json_body, request_id
-from .pipeline import load_history, resolve_references
-from .resource import build_response, new_id, usage_from_chat
-from .state import GATEWAY
-from .summaries import replay_compactions
-from .transcoder import Transcoder
-from .translate import build_chat_request, item_type, normalize_input, to_chat_messages
-from .validation import validate_compact_body
+from orp_proxy.errors import SERVER_ERROR, ApiError
+from orp_proxy.exchange import Exchange
+from orp_proxy.http.request import credential, json_response, read_json_body, request_id
+from orp_proxy.ops.access import attach_exchange
+from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
+from orp_proxy.pipeline import load_history, resolve_references
+from orp_proxy.protocol.resource import build_response, new_id, usage_from_chat
+from orp_proxy.protocol.summaries import replay_compactions
+from orp_proxy.protocol.transcoder import Transcoder
+from orp_proxy.protocol.translate import (
+    build_chat_request,
+    item_type,
+    normalize_input,
+    to_chat_messages,
+)
+from orp_proxy.protocol.validation import validate_compact_body
+from orp_proxy.state import GATEWAY
 
 SUMMARY_REQUEST = (
     "Stop here: the conversation above is about to be removed from your context window and "

@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .sse import dumps
-from .state import GATEWAY
+from orp_proxy.protocol.sse import dumps
+from orp_proxy.state import GATEWAY
 
 log = logging.getLogger("orp.health")
 

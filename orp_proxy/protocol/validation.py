@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
 
-from .errors import ApiError, invalid
+from orp_proxy.errors import ApiError, invalid
 
 __all__ = [
     "DEFAULT_LIMITS",

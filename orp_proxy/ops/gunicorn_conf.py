@@ -1,6 +1,6 @@
 """gunicorn settings for ORP, shipped with the package::
 
-    gunicorn -c python:orp_proxy.gunicorn_conf orp_proxy.app:create_app
+    gunicorn -c python:orp_proxy.ops.gunicorn_conf orp_proxy.app:create_app
 
 Values come from ORP's own settings (the `ORP_*` variables, see `orp-proxy --help`), so one
 environment file configures both; gunicorn flags given on the command line still win.
@@ -133,7 +133,7 @@ def when_ready(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    from orp_proxy.health import drain_on_sigterm
+    from orp_proxy.ops.health import drain_on_sigterm
 
     drain_on_sigterm(worker)
 

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from . import metrics
-from .sse import KEEPALIVE_BLOCK
+from orp_proxy.ops import metrics
+from orp_proxy.protocol.sse import KEEPALIVE_BLOCK
 
 log = logging.getLogger("orp.keepalive")
 

@@ -26,7 +26,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from .store import InputItemsPage, ResponseStore, StoredResponse
+from orp_proxy.store import InputItemsPage, ResponseStore, StoredResponse
 
 REQUESTS = Counter("orp_requests", "HTTP requests by route, status and stream flag.",
                    ["route", "status", "stream"])

@@ -1,0 +1,60 @@
+"""Request helpers shared by every endpoint: JSON bodies in and out, caller identity, request id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ujson
+from aiohttp import web
+
+from orp_proxy.errors import ApiError
+from orp_proxy.ops.access import ACCESS, incoming_request_id
+from orp_proxy.ops.auth import bearer_token
+from orp_proxy.protocol.sse import json_bytes
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(body=json_bytes(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(error.body(), status=error.status, headers=error.headers or None)
+
+
+async def read_json_body(request: web.Request, limit: int) -> Any:
+    """The body parsed as JSON, with 415 / 413 / 400 for the wrong kind of body."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "Request bodies must be JSON with 'Content-Type: application/json' "
+                       f"(got '{request.content_type}').", code="unsupported_media_type")
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
+                       code="request_too_large")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
+                       code="request_too_large") from None
+    try:
+        return ujson.loads(raw)
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # ujson refuses nesting over 1024 levels, and Python integers over 4300 digits: say so.
+        reason = str(exc)
+        detail = (" It is nested too deeply (at most 1024 levels)." if "depth" in reason
+                  else " It holds a number with too many digits." if "digits" in reason
+                  else "")
+        raise ApiError(400, f"The request body is not valid JSON.{detail}",
+                       code="invalid_json") from None
+
+
+def credential(request: web.Request) -> str | None:
+    """The caller's bearer token, if any (only ever used hashed, as the store owner; the auth
+    middleware has checked it unless ORP_AUTH_MODE is none)."""
+    return bearer_token(request)
+
+
+def request_id(request: web.Request) -> str:
+    """The id the access middleware gave this request (the client's `X-Request-Id` if sane)."""
+    record = request.get(ACCESS)
+    return record.request_id if record is not None else incoming_request_id(request)

@@ -1,0 +1,23 @@
+"""Every route of the API, in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from orp_proxy.http.compact import compact_response
+from orp_proxy.http.responses import (
+    create_response,
+    delete_response,
+    get_response,
+    list_input_items,
+)
+from orp_proxy.http.websocket import setup_websocket
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/responses", create_response)
+    setup_websocket(app)  # GET /v1/responses, upgraded
+    app.router.add_post("/v1/responses/compact", compact_response)
+    app.router.add_get("/v1/responses/{response_id}", get_response)
+    app.router.add_delete("/v1/responses/{response_id}", delete_response)
+    app.router.add_get("/v1/responses/{response_id}/input_items", list_input_items)

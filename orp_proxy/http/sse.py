@@ -1,0 +1,62 @@
+"""The SSE transport: a response's events written to a `web.StreamResponse`, then `[DONE]`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from orp_proxy.exchange import ClientGone, Exchange
+from orp_proxy.ops.keepalive import STREAMS, LiveStream, StreamRegistry
+from orp_proxy.protocol.sse import DONE_BLOCK, encode_events
+from orp_proxy.protocol.transcoder import Event
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx and similar proxies must not buffer the stream
+}
+
+# Set once an SSE response is prepared: from then on an error cannot become an HTTP error
+# response (it would land inside the stream body); the connection is closed instead.
+STREAM_STARTED = web.RequestKey("orp_stream_started", bool)
+
+
+class SSETransport:
+    """Prepares the response on the first delivery; idle streams get keep-alive comments from
+    the worker's sweeper (see `ops.keepalive`), which counts our writes."""
+
+    def __init__(self, request: web.Request, headers: dict[str, str]) -> None:
+        self.request = request
+        self.resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+        self.streams: StreamRegistry = request.app[STREAMS]
+        self.live: LiveStream | None = None
+
+    async def send(self, events: list[Event]) -> None:
+        live = self.live
+        if live is None:
+            await self.resp.prepare(self.request)
+            self.request[STREAM_STARTED] = True
+            live = self.live = self.streams.open(self.request, self.resp)
+        await self.resp.write(encode_events(events))
+        live.writes += 1
+
+    async def finish(self, events: list[Event]) -> None:
+        self.close()
+        await self.resp.write(encode_events(events) + DONE_BLOCK)
+        await self.resp.write_eof()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.streams.close(self.live)
+
+
+async def stream_events(exchange: Exchange, request: web.Request, headers: dict[str, str]
+                        ) -> web.StreamResponse:
+    """Run `exchange` as server-sent events."""
+    transport = SSETransport(request, headers)
+    try:
+        await exchange.run(transport)
+    except ClientGone:
+        pass  # kept as incomplete by the exchange; nobody is left to answer
+    finally:
+        transport.close()
+    return transport.resp

@@ -1,0 +1,1 @@
+"""Running it in production: auth, access log, metrics, health, keep-alive, gunicorn config."""

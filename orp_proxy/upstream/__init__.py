@@ -1,0 +1,1 @@
+"""The Chat Completions side: the streaming client, error scrubbing, and the scripted mock."""
