@@ -101,3 +101,14 @@ def test_layers_import_downwards_only() -> None:
         if name.startswith(("orp_proxy.store", "orp_proxy.upstream")):
             assert not {t for t in targets if t.startswith(("orp_proxy.ops",
                                                             "orp_proxy.exchange"))}, name
+
+
+def test_license_is_the_full_apache_2_text() -> None:
+    """setup.cfg declares Apache-2.0: the checkout carries that license, unmodified."""
+    import hashlib
+
+    text = (PACKAGE.parent / "LICENSE").read_bytes()
+    # SHA-256 of https://www.apache.org/licenses/LICENSE-2.0.txt
+    assert hashlib.sha256(text).hexdigest() == (
+        "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30")
+    assert "license = Apache-2.0" in (PACKAGE.parent / "setup.cfg").read_text()
