@@ -40,13 +40,13 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     # Whatever was opened is closed again, also when a later step of the start-up fails.
     async with contextlib.AsyncExitStack() as opened:
         base_url = settings.upstream_url
-        if base_url is None:
+        if settings.mock_upstream or base_url is None:
             from orp_proxy.upstream.mock import start_mock_upstream
 
             _, mock_runner, base_url = await start_mock_upstream("127.0.0.1", 0)
             opened.push_async_callback(mock_runner.cleanup)
-            log.warning("ORP_UPSTREAM_URL is not set: answering from the bundled mock upstream "
-                        "at %s", base_url)
+            log.warning("ORP_MOCK_UPSTREAM: answering from the bundled echo mock upstream at %s "
+                        "(a demo, not a backend)", base_url)
         session = aiohttp.ClientSession(
             # No total timeout: a stream may rightly last longer than any fixed bound.
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout,
@@ -102,6 +102,7 @@ def build_app(settings: Settings) -> web.Application:
     """The application for explicit settings (tests, the CLI)."""
     # handler_cancellation: a client that goes away cancels its handler at once, which closes
     # the upstream request. As a handler argument it holds under any runner, gunicorn's too.
+    settings.check_upstream()  # the mock is a choice, never the fallback of a missing URL
     app = web.Application(client_max_size=settings.max_body_bytes,
                           middlewares=[error_middleware, access_middleware],
                           handler_args={"handler_cancellation": True})

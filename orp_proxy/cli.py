@@ -10,7 +10,13 @@ import textwrap
 from typing import Any
 
 from orp_proxy import __version__
-from orp_proxy.config import SETTINGS, ConfigError, Settings, load_settings
+from orp_proxy.config import (
+    SETTINGS,
+    ConfigError,
+    Settings,
+    load_settings,
+    unknown_variables,
+)
 
 
 def _flag(field: str) -> str:
@@ -32,8 +38,13 @@ def _settings_help() -> str:
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (each overrides its environment variable)")
     for setting in SETTINGS:
-        group.add_argument(_flag(setting.field), dest=setting.field, metavar=setting.metavar,
-                           help=f"{setting.help} [{setting.env}]")
+        if setting.metavar == "BOOL":
+            # `--mock-upstream` alone means true; `--mock-upstream false` still works.
+            group.add_argument(_flag(setting.field), dest=setting.field, metavar=setting.metavar,
+                               nargs="?", const="true", help=f"{setting.help} [{setting.env}]")
+        else:
+            group.add_argument(_flag(setting.field), dest=setting.field, metavar=setting.metavar,
+                               help=f"{setting.help} [{setting.env}]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,11 +82,20 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(overrides=overrides)
 
 
-def _serve(settings: Settings) -> None:
+def _serve(settings: Settings) -> int:
     from aiohttp import web
 
     from orp_proxy.app import build_app
-    from orp_proxy.ops.access import configure_access_logging
+    from orp_proxy.ops.preflight import check_settings
+
+    log = logging.getLogger("orp")
+    for warning in unknown_variables():
+        log.warning("%s", warning)
+    try:
+        check_settings(settings)
+    except ConfigError as exc:
+        print(f"orp-proxy: {exc}", file=sys.stderr)
+        return 2
 
     loop: asyncio.AbstractEventLoop
     try:
@@ -85,16 +105,30 @@ def _serve(settings: Settings) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    logging.getLogger("orp").info("settings: %s", settings.redacted())
-    configure_access_logging()  # bare JSON lines on stderr, next to the other logs
+    log.info("settings: %s", settings.summary())
     # run_app runs the loop until SIGINT/SIGTERM, shuts the app down, then closes the loop.
     # backlog as gunicorn's default: a burst of connects beyond aiohttp's 128 would otherwise
     # wait for SYN retransmits (1 s, 3 s, 7 s, ...) before ORP even sees them.
-    web.run_app(build_app(settings), host=settings.host, port=settings.port, backlog=2048,
-                handler_cancellation=True, loop=loop, access_log=None,
-                keepalive_timeout=settings.keepalive_timeout,
-                shutdown_timeout=settings.graceful_timeout,
-                print=lambda text: print(text, flush=True))
+    try:
+        web.run_app(build_app(settings), host=settings.host, port=settings.port, backlog=2048,
+                    handler_cancellation=True, loop=loop, access_log=None,
+                    keepalive_timeout=settings.keepalive_timeout,
+                    shutdown_timeout=settings.graceful_timeout,
+                    print=lambda text: _announce(log, text))
+    except ConfigError as exc:  # found while opening the store, say
+        print(f"orp-proxy: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the address is taken, or not ours to listen on
+        print(f"orp-proxy: cannot listen on {settings.host}:{settings.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _announce(log: logging.Logger, text: str) -> None:
+    """aiohttp's "======== Running on URL ========" banner as one log line in the format."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    log.info("%s", first.strip("= ").replace("Running on", "listening on"))
 
 
 async def _store_action(settings: Settings, action: str) -> dict[str, Any]:
@@ -123,21 +157,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"orp-proxy: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from orp_proxy.ops.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
-        try:
-            _serve(settings)
-        except ConfigError as exc:  # raised while building the app (e.g. no client auth)
-            print(f"orp-proxy: {exc}", file=sys.stderr)
-            return 2
+        return _serve(settings)
     elif args.command == "settings":
         for key, value in settings.redacted().items():
             print(f"{key} = {value}")
     else:
         import json
 
-        print(json.dumps(asyncio.run(_store_action(settings, args.action)), indent=2))
+        try:
+            print(json.dumps(asyncio.run(_store_action(settings, args.action)), indent=2))
+        except ConfigError as exc:
+            print(f"orp-proxy: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

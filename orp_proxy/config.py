@@ -7,6 +7,7 @@ text and the README's configuration table, so the three cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,8 +62,49 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _choice_ci(*allowed: str) -> Callable[[str], str]:
+    """Like `_choice`, ignoring case and surrounding space (`INFO` is `info`)."""
+    exact = _choice(*allowed)
+
+    def parse(raw: str) -> str:
+        return exact(raw.strip().lower())
+
+    return parse
+
+
 def _optional_str(raw: str) -> str | None:
     return raw or None
+
+
+def _upstream_url(raw: str) -> str | None:
+    """An http(s) URL with a host (and a port in range), or None when empty."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"not a usable URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:8000/v1")
+    if not parts.hostname:
+        raise ValueError("the URL has no host name")
+    return raw
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("expected a port number from 1 to 65535 (0: any free port)")
+    return value
+
+
+def _host(raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("expected a host name or an IP address")
+    return value
 
 
 def _positive_float(raw: str) -> float:
@@ -106,9 +148,13 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("upstream_url", "ORP_UPSTREAM_URL", _optional_str,
-            "Base URL of the Chat Completions backend, including /v1. Unset: the bundled mock "
-            "upstream is started on a loopback port (for trying ORP out).", metavar="URL"),
+    Setting("upstream_url", "ORP_UPSTREAM_URL", _upstream_url,
+            "Base URL of the Chat Completions backend, including /v1 (http:// or https://). "
+            "Required, unless ORP_MOCK_UPSTREAM is on.", metavar="URL"),
+    Setting("mock_upstream", "ORP_MOCK_UPSTREAM", _parse_bool,
+            "Demo: answer from the bundled echo mock upstream, started on a loopback port, "
+            "instead of a real backend (and without client authentication unless configured). "
+            "Never together with ORP_UPSTREAM_URL.", metavar="BOOL"),
     Setting("upstream_api_key", "ORP_UPSTREAM_API_KEY", _optional_str,
             "Bearer key ORP sends upstream. Prefer ORP_UPSTREAM_API_KEY_FILE or the systemd "
             "credential 'upstream_api_key'.", secret=True, metavar="KEY"),
@@ -123,9 +169,9 @@ SETTINGS: tuple[Setting, ...] = (
             "characters); several comma-separated to rotate (the first encrypts, all decrypt). "
             "Unset: derived from the owner-hash key. Also read from the systemd credential "
             "'compaction_key'.", secret=True, metavar="KEY"),
-    Setting("host", "ORP_HOST", str, "Address ORP listens on (`orp-proxy serve`, the gunicorn "
+    Setting("host", "ORP_HOST", _host, "Address ORP listens on (`orp-proxy serve`, the gunicorn "
             "config).", metavar="HOST"),
-    Setting("port", "ORP_PORT", int, "Port ORP listens on (`orp-proxy serve`, the gunicorn "
+    Setting("port", "ORP_PORT", _port, "Port ORP listens on (`orp-proxy serve`, the gunicorn "
             "config).", metavar="PORT"),
     Setting("db_path", "ORP_DB_PATH", str, "SQLite file of the response store.", metavar="PATH"),
     Setting("store_ttl_seconds", "ORP_STORE_TTL_SECONDS", _non_negative_float,
@@ -164,8 +210,11 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="STYLE"),
     Setting("max_line_bytes", "ORP_MAX_UPSTREAM_LINE_BYTES", _positive_int,
             "Longest line accepted from the upstream stream (bytes).", metavar="BYTES"),
-    Setting("log_level", "ORP_LOG_LEVEL", _choice("debug", "info", "warning", "error"),
-            "Log level.", metavar="LEVEL"),
+    Setting("log_level", "ORP_LOG_LEVEL", _choice_ci("debug", "info", "warning", "error"),
+            "Log level (any case).", metavar="LEVEL"),
+    Setting("log_format", "ORP_LOG_FORMAT", _choice_ci("json", "text"),
+            "Format of every log line, access lines and application messages alike: 'json' "
+            "(one object per line) or 'text' (readable key=value lines).", metavar="FORMAT"),
     Setting("log_content", "ORP_LOG_CONTENT", _parse_bool,
             "Debugging only: put instructions, input and output items in the access log line "
             "(never credentials).", metavar="BOOL"),
@@ -205,8 +254,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_mode", "ORP_AUTH_MODE", _choice("keys", "passthrough", "none"),
             "Client authentication: 'keys' (one of ORP_API_KEYS), 'passthrough' (the "
             "client's bearer token goes upstream) or 'none' (local development). Unset: "
-            "'keys' if keys are configured, 'none' when ORP_UPSTREAM_URL is unset too (the "
-            "demo), otherwise ORP refuses to start.", metavar="MODE"),
+            "'keys' if keys are configured, 'none' with ORP_MOCK_UPSTREAM (the demo), "
+            "otherwise ORP refuses to start.", metavar="MODE"),
     Setting("api_keys", "ORP_API_KEYS", _optional_str,
             "Gateway keys clients may present, comma-separated. Prefer ORP_API_KEYS_FILE or "
             "the systemd credential 'api_keys'.", secret=True, metavar="KEYS"),
@@ -227,6 +276,7 @@ class Settings:
     """Resolved configuration of one ORP process (all workers share the same values)."""
 
     upstream_url: str | None = None
+    mock_upstream: bool = False
     upstream_api_key: str | None = None
     upstream_api_key_file: str | None = None
     owner_secret: str | None = None
@@ -248,6 +298,7 @@ class Settings:
     reasoning_events: str = "spec"
     max_line_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
+    log_format: str = "json"
     log_content: bool = False
     workers: int = 0
     graceful_timeout: int = 300
@@ -293,6 +344,63 @@ class Settings:
                 value = redacted_url(value)
             out[setting.field] = dict(value) if isinstance(value, Mapping) else value
         return out
+
+    def summary(self) -> str:
+        """The start-up log's settings line, secrets hidden: `name=value` pairs of where ORP
+        listens, stores and forwards, then every setting that differs from its default."""
+        defaults = Settings().redacted()
+        return " ".join(
+            f"{name}={_shown(value)}" for name, value in self.redacted().items()
+            if name in _ALWAYS_SHOWN or value != defaults[name])
+
+    def check_upstream(self) -> None:
+        """ConfigError unless exactly one of a real upstream and the demo mock is chosen."""
+        if self.mock_upstream and self.upstream_url:
+            raise ConfigError("ORP_UPSTREAM_URL and ORP_MOCK_UPSTREAM are both set: choose the "
+                              "real backend or the demo mock, not both")
+        if not self.mock_upstream and not self.upstream_url:
+            raise ConfigError("ORP_UPSTREAM_URL is not set: point it at your Chat Completions "
+                              "backend (e.g. http://127.0.0.1:8000/v1), or choose the demo echo "
+                              "mock with ORP_MOCK_UPSTREAM=true (orp-proxy serve --mock-upstream)")
+
+
+_ALWAYS_SHOWN = frozenset({"upstream_url", "mock_upstream", "host", "port", "db_path",
+                           "auth_mode"})
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "{}"
+    text = str(value)
+    if text and not any(c.isspace() or c == '"' for c in text):
+        return text
+    return ujson.dumps(text, escape_forward_slashes=False)
+
+
+# ORP_* names that are not settings of the process but are legitimately set around it: the
+# systemd unit's drain delay, the scripts' virtualenv, and the test and benchmark knobs.
+_OTHER_VARIABLES = frozenset({"ORP_DRAIN_SECONDS", "ORP_VENV"})
+_OTHER_PREFIXES = ("ORP_TEST_", "ORP_SOAK_", "ORP_FUZZ_", "ORP_BENCH_")
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per `ORP_*` variable that is no setting (a typo is otherwise silently
+    ignored), with the closest setting's name when there is one."""
+    env = os.environ if environ is None else environ
+    known = [s.env for s in SETTINGS]
+    warnings = []
+    for name in sorted(env):
+        if (not name.startswith("ORP_") or name in known or name in _OTHER_VARIABLES
+                or name.startswith(_OTHER_PREFIXES)):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else "; see orp-proxy --help"
+        warnings.append(f"unknown setting {name} is ignored{hint}")
+    return warnings
 
 
 def redacted_url(url: str) -> str:
@@ -358,6 +466,8 @@ def load_settings(
         try:
             values[setting.field] = setting.parse(raw)
         except (ValueError, TypeError) as exc:
-            shown = "<redacted>" if setting.secret else repr(raw)
+            shown = ("<redacted>" if setting.secret
+                     else repr(redacted_url(raw)) if setting.field == "upstream_url"
+                     else repr(raw))
             raise ConfigError(f"{setting.env}={shown}: {exc}") from None
     return dataclasses.replace(Settings(), **values)

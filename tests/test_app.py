@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from orp_proxy.app import build_app
-from orp_proxy.config import Settings
+from orp_proxy.config import ConfigError, Settings
 from orp_proxy.upstream import mock as mock_upstream
 from orp_proxy.upstream.mock import text_chunks
 from tests.conftest import Proxy
@@ -54,9 +53,9 @@ async def test_a_failed_start_closes_what_it_opened(
     monkeypatch.setattr(mock_upstream, "start_mock_upstream", start_mock)
     broken = dataclasses.replace(
         settings, db_path=str(tmp_path / "no-such-directory" / "orp.sqlite3"),
-        upstream_url=None if bundled_mock else settings.upstream_url)
+        upstream_url=None if bundled_mock else settings.upstream_url, mock_upstream=bundled_mock)
     server = TestServer(build_app(broken), host="127.0.0.1")
-    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
+    with pytest.raises(ConfigError, match="no-such-directory does not exist"):
         await server.start_server()
     await server.close()
     assert len(sessions) == 1 and sessions[0].closed

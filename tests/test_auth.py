@@ -261,7 +261,10 @@ async def test_none_mode_is_open_and_warns(start_proxy: StartProxy, settings: Se
 
 def test_mode_resolution(tmp_path: Path) -> None:
     upstream = "http://gpu-box:8000/v1"
-    assert Authenticator.from_settings(Settings()).mode == "none"  # the demo: bundled mock
+    # The demo (bundled mock, chosen explicitly) is open; no upstream at all is not the demo.
+    assert Authenticator.from_settings(Settings(mock_upstream=True)).mode == "none"
+    with pytest.raises(ConfigError, match="no client authentication"):
+        Authenticator.from_settings(Settings())
     assert Authenticator.from_settings(Settings(api_keys="k" * 20)).mode == "keys"
     assert Authenticator.from_settings(Settings(upstream_url=upstream,
                                                 api_keys="k" * 20)).mode == "keys"

@@ -32,7 +32,11 @@ def test_store_ttl_accepts_zero_and_fractions() -> None:
 ])
 def test_redacted_upstream_url_hides_credentials(url: str, shown: str) -> None:
     assert redacted_url(url) == shown
-    logged = str(load_settings({"ORP_UPSTREAM_URL": url}).redacted())
+    try:
+        logged = str(load_settings({"ORP_UPSTREAM_URL": url}).redacted())
+        logged += load_settings({"ORP_UPSTREAM_URL": url}).summary()
+    except ConfigError as exc:  # unparsable: refused at start-up, the secret still hidden
+        logged = str(exc)
     assert "sekrit" not in logged and "abc" not in logged
     assert Settings().redacted()["upstream_url"] is None
 
@@ -81,3 +85,59 @@ def test_secrets_from_files_and_credentials(tmp_path: Path,
     assert load_api_keys(Settings()) == ["key-a", "key-b"]
     # A setting given directly wins over the credential.
     assert Settings(owner_secret="direct").resolved_owner_secret() == b"direct"
+
+
+def test_log_level_and_format_ignore_case() -> None:
+    settings = load_settings({"ORP_LOG_LEVEL": "DEBUG", "ORP_LOG_FORMAT": "Text"})
+    assert (settings.log_level, settings.log_format) == ("debug", "text")
+    assert load_settings({}).log_format == "json"
+    with pytest.raises(ConfigError, match="ORP_LOG_FORMAT='xml': expected one of json, text"):
+        load_settings({"ORP_LOG_FORMAT": "xml"})
+
+
+def test_json_log_format_covers_application_messages() -> None:
+    import io
+    import json
+    import logging
+
+    from orp_proxy.ops.logs import configure_logging
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("info", "json", stream)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("orp.test").exception("it failed: %s", "why")
+        logging.getLogger("orp.access").info('{"type":"access","status":200}',
+                                             extra={"access": {"type": "access", "status": 200}})
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["level"] == "error" and first["logger"] == "orp.test"
+    assert first["message"] == "it failed: why" and "RuntimeError: boom" in first["exception"]
+    assert second == {"type": "access", "status": 200}
+
+
+def test_settings_line_is_readable_and_secret_free() -> None:
+    line = load_settings({
+        "ORP_UPSTREAM_URL": "https://user:sekrit@llm.example/v1", "ORP_API_KEYS": "sekrit-key",
+        "ORP_MODEL_MAP": "a=b", "ORP_WORKERS": "4"}).summary()
+    assert line.startswith("upstream_url=https://<redacted>@llm.example/v1 mock_upstream=false ")
+    assert "api_keys=<redacted>" in line and "model_map=a=b" in line and "workers=4" in line
+    assert "sekrit" not in line and "{" not in line and "'" not in line
+    assert "max_tools" not in line  # at its default
+
+
+def test_unknown_variables_are_named_with_a_suggestion() -> None:
+    from orp_proxy.config import unknown_variables
+
+    assert unknown_variables({"ORP_UPSTRAEM_URL": "x", "ORP_LOGLEVEL": "x", "ORP_ZZZ": "1",
+                              "ORP_PORT": "1", "ORP_DRAIN_SECONDS": "5", "PATH": "/bin"}) == [
+        "unknown setting ORP_LOGLEVEL is ignored; did you mean ORP_LOG_LEVEL?",
+        "unknown setting ORP_UPSTRAEM_URL is ignored; did you mean ORP_UPSTREAM_URL?",
+        "unknown setting ORP_ZZZ is ignored; see orp-proxy --help",
+    ]

@@ -293,3 +293,70 @@ async def test_client_disconnect_closes_the_upstream_within_100ms(
         line = await service.access_line("rid-leaves")
         assert line["status"] == 499, line
         assert line["incomplete_reason"] == "client_disconnected", line
+
+
+# -- configuration mistakes: refused in the master, before any worker -----------------------
+
+
+def _gunicorn_refuses(home: Path, **settings: str) -> str:
+    """gunicorn with the shipped config and `settings` must exit 78 (EX_CONFIG) before it
+    listens or forks, with one `orp-proxy:` line and no traceback; returns that line.
+    A setting given as "" is left unset."""
+    home.mkdir(parents=True, exist_ok=True)
+    given = {"ORP_HOST": "127.0.0.1", "ORP_PORT": "0", "ORP_WORKERS": "2",
+             "ORP_AUTH_MODE": "none", **settings}
+    env = procs.clean_env(home, **{k: v for k, v in given.items() if v})
+    done = subprocess.run([sys.executable, "-m", "gunicorn", *procs.GUNICORN_CONF], cwd=home,
+                          env=env, capture_output=True, text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert done.returncode == 78, output
+    for absent in ("Traceback", "Listening at", "Booting worker", "Worker failed to boot"):
+        assert absent not in output, output
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("orp-proxy: ")]
+    return line
+
+
+def test_gunicorn_refuses_bad_settings_before_forking(tmp_path: Path, mock_upstream: str) -> None:
+    # No upstream (or a typo in its name): no demo mock in production.
+    line = _gunicorn_refuses(tmp_path / "a", ORP_UPSTRAEM_URL=mock_upstream)
+    assert "ORP_UPSTREAM_URL is not set" in line
+    # The store's directory is missing.
+    missing = tmp_path / "missing" / "orp.sqlite3"
+    line = _gunicorn_refuses(tmp_path / "b", ORP_UPSTREAM_URL=mock_upstream,
+                             ORP_DB_PATH=str(missing))
+    assert line == f"orp-proxy: ORP_DB_PATH={missing}: the directory {missing.parent} does " \
+        "not exist"
+    # No client authentication for a real upstream.
+    line = _gunicorn_refuses(tmp_path / "c", ORP_UPSTREAM_URL=mock_upstream, ORP_AUTH_MODE="",
+                             ORP_DB_PATH=str(tmp_path / "c.sqlite3"))
+    assert "no client authentication is configured" in line
+    # A value that does not parse (found when the config module loads, before on_starting).
+    line = _gunicorn_refuses(tmp_path / "d", ORP_UPSTREAM_URL=mock_upstream, ORP_PORT="70000")
+    assert "ORP_PORT='70000'" in line
+
+
+def test_gunicorn_text_log_format_and_unknown_variables(tmp_path: Path,
+                                                        mock_upstream: str) -> None:
+    """ORP_LOG_FORMAT=text: readable access lines on stdout and messages on stderr, the
+    settings line as name=value pairs without secrets, a warning for a misspelt variable."""
+    async def one_request(url: str) -> None:
+        async with aiohttp.ClientSession() as session:
+            status, _, _ = await post(session, url, {"model": "m", "input": "hi"},
+                                      {"X-Request-Id": "rid-text-1"})
+            assert status == 200
+
+    with running_service(tmp_path, mock_upstream, ORP_LOG_FORMAT="text", ORP_LOG_LEVEL="INFO",
+                         ORP_OWNER_SECRET="owner-sekrit-123", ORP_WORKER="3") as service:
+        asyncio.run(one_request(service.url))
+        deadline = time.monotonic() + 5
+        while "rid-text-1" not in service.stdout.read_text():
+            assert time.monotonic() < deadline, service.logs()
+            time.sleep(0.05)
+    stdout, stderr = service.stdout.read_text(), service.stderr.read_text()
+    (access,) = [x for x in stdout.splitlines() if "rid-text-1" in x]
+    assert " INFO orp.access: POST /v1/responses 200 request_id=rid-text-1 " in access
+    assert not any(x.lstrip().startswith("{") for x in (stdout + stderr).splitlines())
+    (settings_line,) = [x for x in stderr.splitlines() if "ORP settings: " in x]
+    assert "workers=2" in settings_line and "owner_secret=<redacted>" in settings_line
+    assert "owner-sekrit-123" not in stdout + stderr and "{'" not in settings_line
+    assert "unknown setting ORP_WORKER is ignored; did you mean ORP_WORKERS?" in stderr

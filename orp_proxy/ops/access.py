@@ -125,7 +125,8 @@ def write_access_line(request: web.Request, record: AccessRecord, status: int,
     metrics.record_request(_route(request), status, stream)
     level = logging.DEBUG if request.path in PROBE_PATHS else logging.INFO
     if log.isEnabledFor(level):
-        log.log(level, dumps(line))
+        # The JSON line as the message, its fields for the text format (see ops.logs).
+        log.log(level, dumps(line), extra={"access": line})
 
 
 def _client_left(response: dict[str, Any]) -> bool:
@@ -180,15 +181,3 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
 def setup_access_log(app: web.Application) -> None:
     """Every response, errors included, carries its `X-Request-Id`."""
     app.on_response_prepare.append(_add_request_id)
-
-
-def configure_access_logging(stream: Any = None) -> None:
-    """For `orp-proxy serve` (the gunicorn config does the same in its logging dictionary):
-    `orp.access` prints the bare JSON line, and aiosqlite stays quiet below INFO, since its
-    DEBUG lines carry SQL parameters (message content, the owner-hash key)."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access = logging.getLogger("orp.access")
-    access.handlers[:] = [handler]
-    access.propagate = False
-    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.root.level))

@@ -83,7 +83,7 @@ class Authenticator:
         if mode is None:
             if keys:
                 mode = "keys"
-            elif settings.upstream_url is None:
+            elif settings.mock_upstream:
                 mode = "none"  # the demo with the bundled mock upstream
             else:
                 raise ConfigError(

@@ -17,7 +17,10 @@ environment file configures both; gunicorn flags given on the command line still
 - SIGTERM in a worker first marks it draining (`/readyz` → 503), then stops it as usual.
 - The control socket (gunicorn ≥ 25.1) goes to `ORP_CONTROL_SOCKET`, or under systemd to
   `$RUNTIME_DIRECTORY/gunicorn.ctl`; otherwise it is off rather than under `$HOME`.
-- Logs: ORP's JSON access lines alone on stdout; everything else on stderr.
+- Logs: access lines alone on stdout, everything else on stderr, both in `ORP_LOG_FORMAT`.
+- The settings are checked in the master before any worker is forked (`on_starting`): a
+  mistake is one line on stderr and exit status 78 (EX_CONFIG, which the systemd unit does not
+  restart on), not a traceback per worker.
 """
 
 from __future__ import annotations
@@ -25,15 +28,25 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
-from orp_proxy.config import ConfigError, load_settings
+from orp_proxy.config import ConfigError, load_settings, unknown_variables
+
+# sysexits.h EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from retrying.
+EXIT_CONFIG = 78
+
+
+def _refuse(error: ConfigError) -> NoReturn:
+    print(f"orp-proxy: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_CONFIG)
+
 
 try:
     _settings = load_settings()
 except ConfigError as exc:
-    raise SystemExit(f"orp-proxy: {exc}") from None
+    _refuse(exc)
 
 
 def _worker_count(configured: int) -> int:
@@ -98,13 +111,14 @@ logconfig_dict: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "plain": {"format": "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"},
-        "line": {"format": "%(message)s"},
+        # One formatter for both handlers: it lays out access records and messages alike.
+        "orp": {"()": "orp_proxy.ops.logs." + (
+            "JsonFormatter" if _settings.log_format == "json" else "TextFormatter")},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain",
+        "console": {"class": "logging.StreamHandler", "formatter": "orp",
                     "stream": "ext://sys.stderr"},
-        "access": {"class": "logging.StreamHandler", "formatter": "line",
+        "access": {"class": "logging.StreamHandler", "formatter": "orp",
                    "stream": "ext://sys.stdout"},
     },
     "root": {"level": _level, "handlers": ["console"]},
@@ -120,7 +134,17 @@ logconfig_dict: dict[str, Any] = {
 
 
 def on_starting(server: Any) -> None:
-    """Master start (not on reload): samples of an earlier run must not be summed in."""
+    """Master start (not on reload): check the settings before any worker exists, and wipe
+    the samples of an earlier run, which must not be summed in."""
+    from orp_proxy.ops.preflight import check_settings
+
+    for warning in unknown_variables():
+        server.log.warning("%s", warning)
+    try:
+        check_settings(_settings)
+    except ConfigError as exc:
+        on_exit(server)  # the temporary metrics directory
+        _refuse(exc)
     assert _metrics_dir is not None
     os.makedirs(_metrics_dir, exist_ok=True)
     for path in glob.glob(os.path.join(_metrics_dir, "*.db")):
@@ -128,7 +152,7 @@ def on_starting(server: Any) -> None:
 
 
 def when_ready(server: Any) -> None:
-    server.log.info("ORP settings: %s", _settings.redacted())
+    server.log.info("ORP settings: %s", _settings.summary())
     server.log.info("Prometheus multiprocess directory: %s", _metrics_dir)
 
 

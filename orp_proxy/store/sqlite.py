@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 import aiosqlite
 import ujson
 
+from orp_proxy.config import ConfigError
 from orp_proxy.store.base import InputItemsPage, ResponseStore, StoredResponse
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "ResponseStore",
     "SQLiteStore",
     "StoredResponse",
+    "check_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -235,15 +237,18 @@ class SQLiteStore:
         `owner_secret` keys `owner_id`; without it a random key is created once and kept in
         the database, so every worker and every restart derive the same owners.
         """
+        check_path(path)
         # isolation_level=None: the sqlite3 module must not open transactions behind our back;
         # we issue BEGIN IMMEDIATE / COMMIT ourselves.
         connecting = aiosqlite.connect(path, isolation_level=None)
         try:
             db = await connecting
-        except BaseException:
+        except BaseException as exc:
             # aiosqlite stops its thread without waiting for it; if the loop closed first,
             # the thread would print a traceback about the closed loop on the way out.
             await asyncio.to_thread(connecting._thread.join, 5)
+            if isinstance(exc, sqlite3.Error):
+                raise _open_error(path, exc) from None
             raise
         try:
             # Before anything else, so that the journal-mode switch and the migration wait
@@ -263,8 +268,10 @@ class SQLiteStore:
             # (a VACUUM: the whole database) until the last connection closes.
             await db.execute_fetchall("PRAGMA journal_size_limit = 67108864")
             stored_key = await _migrate(db, create_key=owner_secret is None)
-        except BaseException:
+        except BaseException as exc:
             await db.close()
+            if isinstance(exc, sqlite3.Error):  # not a database, locked too long, disk full
+                raise _open_error(path, exc) from None
             raise
         key = owner_secret if owner_secret is not None else stored_key
         assert key is not None
@@ -671,6 +678,45 @@ def _save_batch(batch: list[_PendingSave], conn: sqlite3.Connection) -> list[Exc
         raise
     return errors
 
+
+
+def check_path(path: str) -> None:
+    """ConfigError naming `path` and the reason when no SQLite store can live there: a missing
+    or unwritable directory (SQLite also creates `-wal` and `-shm` files beside the database),
+    a directory in the file's place, a file we may not read and write."""
+    if path == ":memory:":
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    reason = None
+    if os.path.isdir(path):
+        reason = "it is a directory"
+    elif not os.path.isdir(directory):
+        reason = f"the directory {directory} does not exist"
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        reason = (f"the directory {directory} is not writable (SQLite creates its -wal and -shm "
+                  "files there)")
+    elif os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        reason = "the file is not readable and writable"
+    elif not _looks_like_sqlite(path):
+        reason = "the file is not an SQLite database"
+    if reason is not None:
+        raise ConfigError(f"ORP_DB_PATH={path}: {reason}")
+
+
+def _looks_like_sqlite(path: str) -> bool:
+    """An absent or empty file (SQLite creates it), or one with SQLite's header."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return True  # let SQLite report what it finds
+    return not head or head == b"SQLite format 3\x00"
+
+
+def _open_error(path: str, exc: sqlite3.Error) -> ConfigError:
+    return ConfigError(f"ORP_DB_PATH={path}: cannot open the SQLite store ({exc})")
 
 
 async def _switch_to_wal(db: aiosqlite.Connection, patience: float) -> list[Any]:
