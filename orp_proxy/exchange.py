@@ -15,16 +15,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from orp_proxy.errors import MODEL_ERROR, SERVER_ERROR, ApiError
-from orp_proxy.protocol.transcoder import Event, ToolNotAllowed, Transcoder
+from orp_proxy.errors import INVALID_REQUEST, MODEL_ERROR, SERVER_ERROR, ApiError
+from orp_proxy.protocol.transcoder import Event, StreamFailure, ToolNotAllowed, Transcoder
 from orp_proxy.store import ResponseStore, StoredResponse
 from orp_proxy.upstream.client import UpstreamStream, UpstreamStreamError
 
 log = logging.getLogger("orp.exchange")
 
-# HTTP status for a JSON-mode response that failed, by error code.
-# Failures of the gateway itself are 500; everything else failed upstream of us (502/504).
-_FAILURE_STATUS = {"upstream_timeout": 504, "store_failed": 500, "internal_error": 500}
+# HTTP status and error type for a JSON-mode response that failed, by error code. The spec's
+# table gives `model_error` 500; failures of the gateway itself are 500 too; a context the
+# model cannot hold is the request's fault (400); everything else failed upstream of us
+# (502, 504 for a timeout).
+_FAILURE_STATUS = {"upstream_timeout": 504, "store_failed": 500, "internal_error": 500,
+                   "tool_not_allowed": 500, "context_length_exceeded": 400}
+_FAILURE_TYPE = {"tool_not_allowed": MODEL_ERROR, "context_length_exceeded": INVALID_REQUEST}
 
 class ClientGone(Exception):
     """Delivering events failed: the client closed the connection or it broke."""
@@ -91,6 +95,8 @@ class Exchange:
                 tc.fail("upstream_incomplete",
                         "The upstream stream ended before the response was finished")
         except UpstreamStreamError as exc:
+            tc.fail(exc.code, exc.message, type=_FAILURE_TYPE.get(exc.code, SERVER_ERROR))
+        except StreamFailure as exc:
             tc.fail(exc.code, exc.message)
         except ToolNotAllowed as exc:
             tc.fail("tool_not_allowed",
@@ -107,6 +113,8 @@ class Exchange:
             # ending and the response is stored as failed, never a traceback or a cut stream.
             log.exception("processing the upstream stream of %s failed", tc.response["id"])
             tc.fail("internal_error", "The gateway failed while processing this response.")
+        for notice in tc.notices:
+            log.warning("response %s: %s", tc.response["id"], notice)
 
     async def settle(self) -> list[Event]:
         """Persist the final response (shielded), then hand back the remaining events."""
@@ -187,8 +195,8 @@ class Exchange:
         if response["status"] == "failed":
             error = response["error"]
             raise ApiError(_FAILURE_STATUS.get(error["code"], 502), error["message"],
-                           type=MODEL_ERROR if error["code"] == "tool_not_allowed"
-                           else SERVER_ERROR, code=error["code"])
+                           type=_FAILURE_TYPE.get(error["code"], SERVER_ERROR),
+                           code=error["code"])
         return response
 
 

@@ -193,7 +193,9 @@ async def test_disallowed_tool_call_never_reaches_the_client(proxy: Proxy, mock:
     assert events[-1]["type"] == "response.failed"
     status, _, data = await proxy.post({"model": "m", "input": "x", "tools": tools,
                                         "tool_choice": choice})
-    assert status == 502 and error_of(status, data)["code"] == "tool_not_allowed"
+    # The spec's table: model_error is 500.
+    error = error_of(status, data)
+    assert (status, error["type"], error["code"]) == (500, "model_error", "tool_not_allowed")
 
 
 async def test_upstream_json_answer_is_accepted(proxy: Proxy, mock: MockUpstream) -> None:
@@ -298,6 +300,31 @@ async def test_error_chunk_mid_stream(proxy: Proxy, mock: MockUpstream) -> None:
 async def test_stream_ends_without_finish_or_done(proxy: Proxy, mock: MockUpstream) -> None:
     mock.enqueue(Scenario(chunks=text_chunks(["a"], finish_reason=None), send_done=False))
     assert (await failed_stream(proxy))[1] == "upstream_incomplete"
+
+
+async def test_done_without_final_newline_completes(proxy: Proxy, mock: MockUpstream) -> None:
+    # The body ends right after `data: [DONE]`: no newline, nothing more; and no
+    # finish_reason before it, so only `[DONE]` says that the answer is whole.
+    body = encode_sse(text_chunks(["fine"], finish_reason=None), send_done=False) + \
+        b"data: [DONE]"
+    mock.enqueue(Scenario(raw=body), Scenario(raw=body))
+    events, done = await proxy.stream({"model": "m", "input": "x"})
+    assert done and events[-1]["type"] == "response.completed"
+    status, _, data = await proxy.post({"model": "m", "input": "x"})
+    assert status == 200 and json.loads(data)["status"] == "completed"
+
+
+@pytest.mark.parametrize(("reason", "code"), [("abort", "upstream_aborted"),
+                                              ("error", "upstream_error")])
+async def test_vllm_abort_and_error_finish_reasons_fail(proxy: Proxy, mock: MockUpstream,
+                                                        reason: str, code: str) -> None:
+    chunks = text_chunks(["half an ans"], finish_reason=reason)
+    mock.enqueue(Scenario(chunks=chunks), Scenario(chunks=chunks))
+    events, got = await failed_stream(proxy)
+    assert got == code and reason in events[-2]["error"]["message"]
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "half an ans"
+    status, _, data = await proxy.post({"model": "m", "input": "x"})
+    assert (status, error_of(status, data)["code"]) == (502, code)
 
 
 async def test_tcp_reset_mid_stream(proxy: Proxy, mock: MockUpstream) -> None:

@@ -454,3 +454,193 @@ def test_odd_usage_numbers_become_non_negative_ints() -> None:
         "input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
         "input_tokens_details": {"cached_tokens": 0},
         "output_tokens_details": {"reasoning_tokens": 2}}
+
+
+# -- real backends' tool-call shapes (issue 12, item 1) ----------------------------------
+
+
+def calls_of(events: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    output = events[-1]["response"]["output"]
+    return [(o["call_id"], o["name"], o["arguments"]) for o in output
+            if o["type"] == "function_call"]
+
+
+def tool_chunk(*fragments: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "delta": {"tool_calls": list(fragments)}}
+    if finish:
+        choice["finish_reason"] = finish
+    return {"choices": [choice]}
+
+
+def fragment(index: int | None, call_id: str | None, name: str | None,
+             arguments: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "function", "function": {"arguments": arguments}}
+    if index is not None:
+        out["index"] = index
+    if call_id is not None:
+        out["id"] = call_id
+    if name is not None:
+        out["function"]["name"] = name
+    return out
+
+
+STOP = {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+
+
+def test_calls_without_index_are_separate_calls() -> None:
+    # Gemini's and Mistral's OpenAI-compatible streams: no `index`, one whole call a chunk.
+    events = run([tool_chunk(fragment(None, "a1", "get_weather", '{"city":"Oslo"}')),
+                  tool_chunk(fragment(None, "a2", "send", '{"to":"x"}')), STOP])
+    assert calls_of(events) == [("a1", "get_weather", '{"city":"Oslo"}'),
+                                ("a2", "send", '{"to":"x"}')]
+
+
+def test_calls_without_index_in_one_chunk_are_separate_calls() -> None:
+    events = run([tool_chunk(fragment(None, "a1", "get_weather", '{"a":1}'),
+                             fragment(None, "a2", "get_weather", '{"b":2}')), STOP])
+    assert calls_of(events) == [("a1", "get_weather", '{"a":1}'),
+                                ("a2", "get_weather", '{"b":2}')]
+
+
+def test_same_index_for_every_call_with_new_ids_are_separate_calls() -> None:
+    # Ollama numbers every call 0.
+    events = run([tool_chunk(fragment(0, "call_x", "get_weather", '{"a":1}')),
+                  tool_chunk(fragment(0, "call_y", "send", '{"b":2}')), STOP])
+    assert calls_of(events) == [("call_x", "get_weather", '{"a":1}'),
+                                ("call_y", "send", '{"b":2}')]
+    # The first call is done before the second is added: nothing can reach it any more.
+    names = types(events)
+    assert names.index("response.output_item.done") < names.index(
+        "response.output_item.added", names.index("response.output_item.added") + 1)
+
+
+def test_new_name_without_ids_starts_a_new_call() -> None:
+    events = run([tool_chunk(fragment(None, None, "get_weather", '{"a"')),
+                  tool_chunk(fragment(None, None, None, ":1}")),
+                  tool_chunk(fragment(None, None, "send", '{"b":2}')), STOP])
+    assert [(n, a) for _, n, a in calls_of(events)] == [("get_weather", '{"a":1}'),
+                                                        ("send", '{"b":2}')]
+
+
+def test_fragments_repeating_id_and_name_stay_one_call() -> None:
+    # Servers that repeat the id (and name) on every fragment of the same call.
+    events = run([tool_chunk(fragment(0, "c1", "send", '{"to"')),
+                  tool_chunk(fragment(0, "c1", "send", ': "x"}')),
+                  tool_chunk(fragment(None, "c2", "send", "{}")),
+                  tool_chunk(fragment(None, "c2", None, "")), STOP])
+    assert calls_of(events) == [("c1", "send", '{"to": "x"}'), ("c2", "send", "{}")]
+
+
+# -- finish_reason mapping (item 2) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("reason", "status", "detail"), [
+    ("stop", "completed", None),
+    ("tool_calls", "completed", None),
+    ("function_call", "completed", None),
+    ("eos_token", "completed", None),
+    ("length", "incomplete", "max_output_tokens"),
+    ("max_tokens", "incomplete", "max_output_tokens"),
+    ("model_length", "incomplete", "max_output_tokens"),
+    ("content_filter", "incomplete", "content_filter"),
+    ("abort", "failed", "upstream_aborted"),
+    ("error", "failed", "upstream_error"),
+    ("insufficient_system_resource", "failed", "upstream_overloaded"),
+])
+def test_every_finish_reason_has_its_outcome(reason: str, status: str,
+                                             detail: str | None) -> None:
+    tc = make()
+    events = run(text_chunks(["partial"], finish_reason=reason), tc)
+    response = events[-1]["response"]
+    assert (events[-1]["type"], response["status"]) == (f"response.{status}", status)
+    if status == "failed":
+        assert events[-2]["type"] == "error" and events[-2]["error"]["code"] == detail
+        assert response["error"]["code"] == detail and reason in response["error"]["message"]
+        assert response["output"][0]["content"][0]["text"] == "partial"
+    elif status == "incomplete":
+        assert response["incomplete_details"] == {"reason": detail}
+    assert tc.notices == []
+
+
+def test_unknown_finish_reason_completes_and_is_noted() -> None:
+    tc = make()
+    events = run(text_chunks(["x"], finish_reason="frobnicated"), tc)
+    assert events[-1]["type"] == "response.completed"
+    assert len(tc.notices) == 1 and "frobnicated" in tc.notices[0]
+
+
+# -- a call whose name never arrives (item 4) ---------------------------------------------
+
+
+def test_tool_call_whose_name_never_arrives_fails() -> None:
+    events = run([tool_chunk(fragment(0, "c1", None, '{"a":')),
+                  tool_chunk(fragment(0, None, None, "1}")), STOP])
+    assert types(events)[-2:] == ["error", "response.failed"]
+    assert events[-1]["response"]["error"]["code"] == "upstream_tool_call_without_name"
+    assert events[-1]["response"]["output"] == []
+
+
+def test_nameless_call_replaced_in_its_slot_fails() -> None:
+    from orp_proxy.protocol.transcoder import StreamFailure
+
+    tc = make()
+    tc.start()
+    tc.feed(tool_chunk(fragment(0, "c1", None, '{"a":1}')))
+    with pytest.raises(StreamFailure) as failure:
+        tc.feed(tool_chunk(fragment(0, "c2", "send", "{}")))
+    assert failure.value.code == "upstream_tool_call_without_name"
+
+
+def test_empty_nameless_fragment_is_ignored() -> None:
+    # Nothing but an index: no call was made; the response completes.
+    events = run([*text_chunks(["ok"], finish_reason=None),
+                  tool_chunk({"index": 0, "function": {}}),
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}])
+    assert events[-1]["type"] == "response.completed"
+
+
+# -- only choice 0 is the answer (item 5) --------------------------------------------------
+
+
+def test_choices_other_than_zero_are_left_out_and_noted_once() -> None:
+    tc = make()
+    events = run([
+        {"choices": [{"index": 0, "delta": {"content": "zero"}},
+                     {"index": 1, "delta": {"content": "ONE"}}]},
+        {"choices": [{"index": 1, "delta": {"content": "ONE"}, "finish_reason": "length"}]},
+        {"choices": [{"index": 2, "delta": {"tool_calls": [fragment(0, "c", "send", "{}")]}}]},
+        {"choices": [{"index": 1, "delta": {}}, {"index": 0, "delta": {"content": "!"},
+                                                 "finish_reason": "stop"}]},
+    ], tc)
+    response = events[-1]["response"]
+    assert events[-1]["type"] == "response.completed"
+    assert [o["type"] for o in response["output"]] == ["message"]
+    assert response["output"][0]["content"][0]["text"] == "zero!"
+    assert len(tc.notices) == 1 and "choice" in tc.notices[0]
+
+
+# -- each event a snapshot of its moment (item 6) -----------------------------------------
+
+
+def test_content_part_added_does_not_carry_later_logprobs() -> None:
+    tc = make(include_logprobs=True)
+    tokens = [{"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": []}
+              for t in ("a", "b")]
+    events = run([{"choices": [{"index": 0, "delta": {"content": "a"},
+                                "logprobs": {"content": tokens[:1]}}]},
+                  {"choices": [{"index": 0, "delta": {"content": "b"},
+                                "logprobs": {"content": tokens[1:]}}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}], tc)
+    added = next(e for e in events if e["type"] == "response.content_part.added")
+    assert added["part"] == {"type": "output_text", "text": "", "annotations": [],
+                             "logprobs": []}
+    done = next(e for e in events if e["type"] == "response.content_part.done")
+    assert done["part"]["logprobs"] == tokens
+
+
+def test_reasoning_item_carries_status() -> None:
+    events = run([*reasoning_chunks(["hmm"], [], finish_reason=None),
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}])
+    added = next(e for e in events if e["type"] == "response.output_item.added")
+    assert added["item"]["status"] == "in_progress"
+    assert events[-1]["response"]["output"][0]["status"] == "completed"

@@ -9,9 +9,13 @@ Output items, in the order the model produces them:
 - text and refusals (`delta.content` / `delta.refusal`) → a `message` item whose parts are
   `output_text` and `refusal`;
 - tool calls (`delta.tool_calls`, fragments keyed by `index`, possibly interleaved) → one
-  `function_call` item each.
+  `function_call` item each. Servers that omit `index` (Gemini, Mistral) or send the same one
+  for every call (Ollama) are handled too: a fragment with a new `id` (or, without ids, a new
+  `name`) in a slot starts a new call there and ends the one before.
 Reasoning and message items are exclusive: one kind of content arriving closes the other.
 Function calls stay open until the upstream finishes, since fragments can come in any order.
+Only choice 0 is the answer; other choices (`n > 1`, misbehaving servers) are left out and
+noted once in `notices`, which the caller logs (this module does no I/O).
 """
 
 from __future__ import annotations
@@ -26,7 +30,19 @@ Event = dict[str, Any]
 
 TERMINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
-_INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+# How each upstream `finish_reason` ends the response (the README has the table).
+_COMPLETED_REASONS = frozenset({"stop", "tool_calls", "function_call", "eos", "eos_token",
+                                "stop_sequence", "end_turn"})
+_INCOMPLETE_REASONS = {"length": "max_output_tokens", "max_tokens": "max_output_tokens",
+                       "model_length": "max_output_tokens", "content_filter": "content_filter"}
+# The server gave up: the output may be cut anywhere, so the response fails.
+_FAILED_REASONS = {
+    "abort": ("upstream_aborted", "The upstream aborted the generation (finish_reason 'abort')"),
+    "error": ("upstream_error", "The upstream failed during generation (finish_reason 'error')"),
+    "insufficient_system_resource": (
+        "upstream_overloaded", "The upstream ran out of resources during generation "
+        "(finish_reason 'insufficient_system_resource')"),
+}
 
 # Reasoning text event names: the spec's, or OpenAI's for clients that only know those.
 REASONING_EVENT_NAMES = {
@@ -100,16 +116,37 @@ class _Item:
 class _Call(_Item):
     """An open function call; fragments may arrive before its name is known."""
 
-    __slots__ = ("announced", "arguments")
+    __slots__ = ("announced", "arguments", "upstream_id")
 
     def __init__(self, item: dict[str, Any], output_index: int) -> None:
         super().__init__(item, output_index)
         self.arguments = _Text()
         self.announced = False
+        self.upstream_id: str | None = None  # the call's `id` as the upstream sent it
 
 
 class ToolNotAllowed(Exception):
     """The model called a tool outside the set the request allows."""
+
+
+class StreamFailure(Exception):
+    """The upstream's chunks are well-formed but the answer is unusable; `code` names why.
+
+    Raised by `feed`; the caller fails the response with it (after which it saves and sends,
+    in that order, as for any failure)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _starts_new_call(call: _Call, upstream_id: str | None, name: str | None) -> bool:
+    """Whether a fragment for `call`'s slot belongs to another call: a different `id`, or
+    (without ids to compare) a different name once the call has one."""
+    if upstream_id is not None and call.upstream_id is not None:
+        return upstream_id != call.upstream_id
+    return bool(name) and call.announced and name != call.item["name"]
 
 
 class Transcoder:
@@ -139,11 +176,15 @@ class Transcoder:
         self._seq = 0
         self._output: list[dict[str, Any]] = response["output"]
         self._content: _Item | None = None  # the open message or reasoning item
-        self._calls: dict[int, _Call] = {}
+        # Open calls by slot: the fragments' `index`, None for servers that send none.
+        self._calls: dict[int | None, _Call] = {}
         self._last: _Item | None = None  # the item that received the latest delta
         self._finish_reason: str | None = None
+        self._other_choices = False
         self.finished = False
         self.saw_finish_reason = False
+        # Oddities of the upstream worth a log line (the caller logs them; no I/O here).
+        self.notices: list[str] = []
 
     # -- driving -------------------------------------------------------------------------
 
@@ -171,42 +212,82 @@ class Transcoder:
         if choices:
             if type(choices) is not list or type(choices[0]) is not dict:
                 raise ValueError("'choices' is not a list of objects")
-            choice = choices[0]
-            delta = choice.get("delta")
-            if delta:
-                if type(delta) is not dict:
-                    raise ValueError("'delta' is not an object")
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if reasoning:
-                    self._reasoning_text(_text(reasoning, "reasoning"))
-                content = delta.get("content")
-                if content:
-                    self._message_text("output_text", _text(content, "content"),
-                                       choice.get("logprobs"))
-                refusal = delta.get("refusal")
-                if refusal:
-                    self._message_text("refusal", _text(refusal, "refusal"), None)
-                tool_calls = delta.get("tool_calls")
-                if tool_calls:
-                    if type(tool_calls) is not list:
-                        raise ValueError("'tool_calls' is not a list")
-                    for fragment in tool_calls:
-                        self._tool_fragment(fragment)
-            finish = choice.get("finish_reason")
-            if finish:
-                self._finish_reason = _text(finish, "finish_reason")
-                self.saw_finish_reason = True
+            choice: dict[str, Any] | None = choices[0]
+            if len(choices) > 1 or choices[0].get("index") not in (0, None):
+                choice = self._answer_choice(choices)
+            if choice is not None:
+                self._choice(choice)
         usage = chunk.get("usage")
         if usage:
             if type(usage) is not dict:
                 raise ValueError("'usage' is not an object")
             self.response["usage"] = usage_from_chat(usage)
 
+    def _answer_choice(self, choices: list[Any]) -> dict[str, Any] | None:
+        """Choice 0 of a chunk that has others (or only others); they are noted once."""
+        answer = None
+        for choice in choices:
+            if type(choice) is not dict:
+                raise ValueError("'choices' is not a list of objects")
+            if choice.get("index") in (0, None):
+                answer = answer or choice
+            elif not self._other_choices:
+                self._other_choices = True
+                self.notices.append("the upstream sent choices other than choice 0 (index "
+                                    f"{str(choice.get('index'))[:20]}); only choice 0 is used")
+        return answer
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta")
+        if delta:
+            if type(delta) is not dict:
+                raise ValueError("'delta' is not an object")
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning:
+                self._reasoning_text(_text(reasoning, "reasoning"))
+            content = delta.get("content")
+            if content:
+                self._message_text("output_text", _text(content, "content"),
+                                   choice.get("logprobs"))
+            refusal = delta.get("refusal")
+            if refusal:
+                self._message_text("refusal", _text(refusal, "refusal"), None)
+            tool_calls = delta.get("tool_calls")
+            if tool_calls:
+                if type(tool_calls) is not list:
+                    raise ValueError("'tool_calls' is not a list")
+                for fragment in tool_calls:
+                    self._tool_fragment(fragment)
+        finish = choice.get("finish_reason")
+        if finish:
+            self._finish_reason = _text(finish, "finish_reason")
+            self.saw_finish_reason = True
+
     def finish(self) -> None:
-        """The upstream ended normally: close every open item, then the terminal event."""
+        """The upstream ended normally: close every open item, then the terminal event.
+
+        How it ends follows `finish_reason`: completed, incomplete (`length`,
+        `content_filter`), or failed when the server says it gave up (`abort`, `error`) or a
+        tool call's name never arrived."""
         if self.finished:
             return
-        reason = _INCOMPLETE_REASONS.get(self._finish_reason or "")
+        finish_reason = self._finish_reason or ""
+        failed = _FAILED_REASONS.get(finish_reason)
+        if failed is not None:
+            self.fail(*failed)
+            return
+        reason = _INCOMPLETE_REASONS.get(finish_reason)
+        if reason is None:
+            if any(c.upstream_id or c.arguments for c in self._calls.values()
+                   if not c.announced):
+                # Not "completed" without the call the model made. (A response cut short is
+                # `incomplete` anyway: there the unfinished call is left out.)
+                self.fail("upstream_tool_call_without_name",
+                          "The upstream sent a tool call whose function name never arrived")
+                return
+            if finish_reason and finish_reason not in _COMPLETED_REASONS:
+                self.notices.append(
+                    f"unknown finish_reason {finish_reason[:40]!r} taken as 'stop'")
         still_open = self._open_items()
         # The item cut short is the one that received the latest delta, if it is still open
         # (a call starting closes the message before `_last` moves on to the call).
@@ -294,7 +375,10 @@ class Transcoder:
                 "content": [],
             }
         else:
-            item = {"id": self._new_id("rs"), "type": "reasoning", "summary": [], "content": []}
+            # `status` is not in the spec's reasoning item, but OpenAI's has it (and clients
+            # read it); it tells a reasoning item cut short from a finished one.
+            item = {"id": self._new_id("rs"), "type": "reasoning", "status": "in_progress",
+                    "summary": [], "content": []}
         opened = _Item(item, 0)
         opened.output_index = self._open_item(item)
         self._content = opened
@@ -317,13 +401,18 @@ class Transcoder:
         opened = _Part(kind, len(content), part)
         content.append(part)
         owner.part = opened
+        snapshot = dict(part)
+        if kind == "output_text":
+            # Its own lists: the part's `logprobs` grows with every later token.
+            snapshot["annotations"] = []
+            snapshot["logprobs"] = []
         self._emit(
             {
                 "type": "response.content_part.added",
                 "item_id": owner.id,
                 "output_index": owner.output_index,
                 "content_index": opened.index,
-                "part": dict(part),
+                "part": snapshot,
             }
         )
         return opened
@@ -386,11 +475,24 @@ class Transcoder:
     def _tool_fragment(self, fragment: Any) -> None:
         if type(fragment) is not dict:
             raise ValueError("a tool call fragment is not an object")
-        index = fragment.get("index", 0)
+        index = fragment.get("index")  # None: servers that send none (Gemini, Mistral)
+        if index is not None and type(index) is not int:
+            raise ValueError("a tool call's 'index' is not an integer")
         function = fragment.get("function") or {}
         if type(function) is not dict:
             raise ValueError("a tool call's 'function' is not an object")
+        upstream_id = fragment.get("id") or None
+        if upstream_id is not None:
+            upstream_id = _text(upstream_id, "tool call id")
+        name = function.get("name")
+        if name is not None and type(name) is not str:
+            raise ValueError("a tool call's 'function.name' is not a string")
         call = self._calls.get(index)
+        if call is not None and _starts_new_call(call, upstream_id, name):
+            # Same slot, another call (Ollama numbers every call 0; no index at all from
+            # Gemini, Mistral): nothing can reach the previous one any more.
+            self._end_call(call)
+            call = None
         if call is None:
             # A call arriving ends any message or reasoning in progress: the model moved on.
             if self._content is not None:
@@ -411,11 +513,8 @@ class Transcoder:
             if arguments:
                 self._emit_arguments(call, arguments)
         else:
-            if fragment.get("id"):
-                call.item["call_id"] = _text(fragment["id"], "tool call id")
-            name = function.get("name")
-            if name is not None and type(name) is not str:
-                raise ValueError("a tool call's 'function.name' is not a string")
+            if upstream_id is not None and call.upstream_id is None:
+                call.upstream_id = call.item["call_id"] = upstream_id
             if not name:
                 return  # `output_item.added` needs the name: hold the fragments until it comes
             if name not in self.allowed_tools:
@@ -426,6 +525,15 @@ class Transcoder:
             if call.arguments:
                 self._emit_arguments(call, call.arguments.value())
         self._last = call
+
+    def _end_call(self, call: _Call) -> None:
+        """Close a call that a new one replaced in its slot."""
+        if call.announced:
+            self._close(call, "completed")
+        elif call.upstream_id or call.arguments:
+            raise StreamFailure("upstream_tool_call_without_name",
+                                "The upstream sent a tool call whose function name never "
+                                "arrived")
 
     def _emit_arguments(self, call: _Call, delta: str) -> None:
         self._emit(
@@ -480,8 +588,7 @@ class Transcoder:
         else:
             if open_item.part is not None:
                 self._close_part(open_item, open_item.part)
-            if item["type"] == "message":
-                item["status"] = status
+            item["status"] = status
             self._content = None
         self._emit(
             {"type": "response.output_item.done", "output_index": open_item.output_index,

@@ -207,8 +207,10 @@ class UpstreamStream:
             tail = []
             try:
                 for payload in lines.flush():
-                    if payload != DONE:
-                        tail.append(loads(payload))
+                    if payload == DONE:  # `data: [DONE]` without its final newline
+                        self.saw_done = True
+                        break
+                    tail.append(loads(payload))
             except ValueError:
                 if tail:
                     yield tail
