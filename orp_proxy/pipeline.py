@@ -6,13 +6,16 @@ in how it reads requests and delivers events.
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
-from orp_proxy.errors import ApiError
+from orp_proxy.errors import SERVER_ERROR, ApiError
 from orp_proxy.exchange import Exchange, Persistence
-from orp_proxy.protocol.resource import build_response
+from orp_proxy.protocol.resource import build_response, usage_from_chat
 from orp_proxy.protocol.summaries import replay_compactions
-from orp_proxy.protocol.transcoder import Transcoder
+from orp_proxy.protocol.transcoder import Event, Transcoder
 from orp_proxy.protocol.translate import (
     allowed_tool_names,
     build_chat_request,
@@ -21,6 +24,9 @@ from orp_proxy.protocol.translate import (
     to_chat_messages,
 )
 from orp_proxy.state import Gateway
+from orp_proxy.store import StoredResponse
+
+log = logging.getLogger("orp.pipeline")
 
 
 def previous_not_found(previous_id: str) -> ApiError:
@@ -56,6 +62,57 @@ async def resolve_references(gateway: Gateway, owner: str, items: list[dict[str,
     return resolved
 
 
+def _model(gateway: Gateway, body: dict[str, Any]) -> str:
+    model = body.get("model") or gateway.settings.default_model
+    if not model:
+        raise ApiError(400, "Missing required parameter: 'model'.", param="model",
+                       code="missing_required_parameter")
+    return str(model)
+
+
+@dataclass
+class WarmUp:
+    """A `generate: false` response: completed at once with no output, continuable."""
+
+    response: dict[str, Any]
+    events: list[Event]
+    new_items: list[dict[str, Any]]
+    stored: bool
+
+
+async def warm_up(gateway: Gateway, body: dict[str, Any], *, owner: str,
+                  history: list[dict[str, Any]], parent_stored: bool = True) -> WarmUp:
+    """The WebSocket warm-up (`generate: false`, Codex's first message of a session): the
+    context is prepared (and stored if `store` is not false) without calling the upstream, so
+    that the next turn can continue from it with only its new items."""
+    model = _model(gateway, body)
+    new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
+    # Bad compaction blobs fail now, as they would on a generating turn.
+    replay_compactions(gateway.compaction, owner, history, new_items)
+    transcoder = Transcoder(build_response(body, model=model))
+    transcoder.start()
+    transcoder.response["usage"] = usage_from_chat({})
+    transcoder.finish()
+    response = transcoder.response
+    stored = body.get("store") is not False
+    if stored:
+        ttl = gateway.settings.store_ttl_seconds or None
+        try:
+            await gateway.store.save_response(StoredResponse(
+                id=response["id"], owner=owner,
+                previous_response_id=response["previous_response_id"],
+                created_at=response["created_at"], status=response["status"],
+                response=response,
+                # A stored child of an unstored parent keeps the whole context (no parent).
+                input_items=new_items if parent_stored else [*history, *new_items],
+                expires_at=time.time() + ttl if ttl else None))
+        except Exception as exc:
+            log.exception("storing warm-up response %s failed", response["id"])
+            raise ApiError(500, "The response could not be stored; it was not saved.",
+                           type=SERVER_ERROR, code="store_failed") from exc
+    return WarmUp(response, transcoder.take(), new_items, stored)
+
+
 async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
                          history: list[dict[str, Any]], request_id: str,
                          authorization: str | None = None) -> Exchange:
@@ -64,10 +121,7 @@ async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
     `authorization`: the client's header to send upstream instead of ORP's key (pass-through
     authentication, `auth.UPSTREAM_AUTHORIZATION`)."""
     settings = gateway.settings
-    model = body.get("model") or settings.default_model
-    if not model:
-        raise ApiError(400, "Missing required parameter: 'model'.", param="model",
-                       code="missing_required_parameter")
+    model = _model(gateway, body)
     new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
     # Compaction items go upstream as the summaries they seal; the store keeps them sealed.
     context = replay_compactions(gateway.compaction, owner, history, new_items)

@@ -1205,11 +1205,14 @@ def ws(**fields: Any) -> dict[str, Any]:
         (ws(type="response.cancel"), "type", "invalid_value"),
         (ws(type=None), "type", "invalid_type"),
         (ws(type=1), "type", "invalid_type"),
-        (ws(stream=True), "stream", "unknown_parameter"),
-        (ws(stream=False), "stream", "unknown_parameter"),
-        (ws(stream_options=None), "stream_options", "unknown_parameter"),
-        (ws(stream_options={"include_obfuscation": True}), "stream_options", "unknown_parameter"),
-        (ws(background=False), "background", "unknown_parameter"),
+        (ws(stream=False), "stream", "unsupported_parameter"),
+        (ws(stream="yes"), "stream", "invalid_type"),
+        (ws(stream_options={"include_usage": True}), "stream_options.include_usage",
+         "unknown_parameter"),
+        (ws(background=True), "background", "unsupported_parameter"),
+        (ws(background=1), "background", "invalid_type"),
+        (ws(generate="no"), "generate", "invalid_type"),
+        (ws(stream_id=3), "stream_id", "invalid_type"),
         (ws(input=DROP), "input", "missing_required_parameter"),
         (ws(foo=1), "foo", "unknown_parameter"),
         (ws(temperature=5), "temperature", "decimal_above_max_value"),
@@ -1222,13 +1225,23 @@ def test_websocket_invalid(payload: dict[str, Any], param: str, code: str) -> No
 
 
 def test_websocket_messages_explain_transport() -> None:
-    error = expect_error(ws(stream=True), websocket=True)
-    assert "not allowed on WebSocket requests" in error.message
+    error = expect_error(ws(stream=False), websocket=True)
+    assert "always streamed" in error.message
 
 
 def test_websocket_valid() -> None:
     payload = ws(previous_response_id="resp_1", input=[], store=False, tools=TOOLS)
     assert validate_create_body(payload, websocket=True) is payload
+    # What Codex and openai-agents (stream: true), the SDK (generate, stream_id) send.
+    for extra in ({"stream": True}, {"stream": None}, {"stream_options": None},
+                  {"stream_options": {"include_obfuscation": False}}, {"background": False},
+                  {"background": None}, {"generate": False}, {"generate": True},
+                  {"stream_id": "lane-1"}, {"client_metadata": {"turn_id": "t1"}}):
+        payload = ws(**extra)
+        assert validate_create_body(payload, websocket=True) is payload, extra
+    # `generate` and `stream_id` exist only on the socket.
+    assert expect_error(body(generate=False)).param == "generate"
+    assert expect_error(body(stream_id="x")).param == "stream_id"
     # Over HTTP the same fields are fine and `type` is not.
     http = body(stream=True, stream_options={"include_obfuscation": True}, background=True)
     assert validate_create_body(http) is http

@@ -28,6 +28,8 @@ from tests.conftest import Proxy
 from tests.sse_check import TERMINAL, check_event
 
 StartProxy = Callable[[Settings], Awaitable[Proxy]]
+TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object"},
+        "strict": False}
 WS = aiohttp.ClientWebSocketResponse
 
 
@@ -207,7 +209,7 @@ async def test_turns_sent_during_a_turn_run_afterwards_in_order(proxy: Proxy,
                                                                 mock: MockUpstream) -> None:
     mock.enqueue(Scenario(chunks=text_chunks([f"w{i} " for i in range(8)]), delay=0.05))
     async with proxy.session.ws_connect(ws_url(proxy)) as ws:
-        for body in ({"input": "slow"}, {"input": "second"}, {"input": "x", "stream": True},
+        for body in ({"input": "slow"}, {"input": "second"}, {"input": "x", "stream": False},
                      {"input": "fourth"}):
             await ws.send_json({"type": "response.create", "model": "mock", **body})
         slow = await read_turn(ws)
@@ -216,7 +218,7 @@ async def test_turns_sent_during_a_turn_run_afterwards_in_order(proxy: Proxy,
         fourth = await read_turn(ws)
     assert answer(slow) == "".join(f"w{i} " for i in range(8))
     assert answer(second) == "You said: second" and answer(fourth) == "You said: fourth"
-    check_envelope(envelope, 400, "unknown_parameter", "stream")
+    check_envelope(envelope, 400, "unsupported_parameter", "stream")
     # One in flight at a time: each upstream request began after the previous turn ended.
     requests = mock.requests
     assert len(requests) == 3
@@ -224,16 +226,94 @@ async def test_turns_sent_during_a_turn_run_afterwards_in_order(proxy: Proxy,
         assert before.finished_at is not None and after.received_at >= before.finished_at
 
 
+async def test_stream_true_and_transport_fields_are_tolerated(proxy: Proxy,
+                                                              mock: MockUpstream) -> None:
+    # openai-agents and Codex always put `stream: true` into response.create.
+    async with proxy.session.ws_connect(ws_url(proxy)) as ws:
+        events = await turn(ws, input="hi", stream=True, background=False, stream_options=None,
+                            client_metadata={"turn_id": "t-1"}, generate=True)
+    assert answer(events) == "You said: hi"
+    assert set(mock.requests[0].body) >= {"model", "messages"}
+    for field in ("generate", "client_metadata", "background"):
+        assert field not in mock.requests[0].body
+    assert mock.requests[0].body["stream_options"] == {"include_usage": True}
+
+
+async def test_generate_false_warms_up_without_the_upstream(proxy: Proxy,
+                                                            mock: MockUpstream) -> None:
+    """Codex's session start: `generate: false` with the system prompt and tools, then turns
+    that continue from it with only their new items."""
+    async with proxy.session.ws_connect(ws_url(proxy)) as ws:
+        warm = await turn(ws, generate=False, store=False, stream=True, tools=[TOOL],
+                          input=[{"role": "developer", "content": "You are terse."}])
+        assert [e["type"] for e in warm] == ["response.created", "response.in_progress",
+                                             "response.completed"]
+        response = final(warm)
+        assert response["status"] == "completed" and response["output"] == []
+        assert response["usage"]["total_tokens"] == 0
+        assert response["tools"][0]["name"] == TOOL["name"]
+        assert mock.requests == []
+        follow = await turn(ws, input="hello", store=False,
+                            previous_response_id=response["id"])
+        assert answer(follow) == "You said: hello"
+    assert upstream_texts(mock) == [("system", "You are terse."), ("user", "hello")]
+    # store: false: the warm-up never reached the database.
+    async with proxy.session.get(proxy.server.make_url(f"/v1/responses/{response['id']}")) as r:
+        assert r.status == 404
+
+
+async def test_stored_warm_up_continues_over_http(proxy: Proxy, mock: MockUpstream) -> None:
+    async with proxy.session.ws_connect(ws_url(proxy)) as ws:
+        response = final(await turn(ws, generate=False, instructions="Be kind.",
+                                    input=[{"role": "user", "content": "I am Ada."}]))
+    assert mock.requests == []
+    async with proxy.session.get(proxy.server.make_url(f"/v1/responses/{response['id']}")) as r:
+        assert r.status == 200 and (await r.json())["status"] == "completed"
+    async with proxy.session.post(proxy.server.make_url("/v1/responses"), json={
+            "model": "mock", "input": "Who am I?",
+            "previous_response_id": response["id"]}) as r:
+        assert r.status == 200, await r.text()
+    assert upstream_texts(mock) == [("user", "I am Ada."), ("user", "Who am I?")]
+
+
+async def test_warm_up_errors_are_envelopes(proxy: Proxy, mock: MockUpstream) -> None:
+    async with proxy.session.ws_connect(ws_url(proxy)) as ws:
+        [envelope] = await turn(ws, generate=False, input="x", previous_response_id="resp_no")
+        check_envelope(envelope, 400, "previous_response_not_found", "previous_response_id")
+        [envelope] = await turn(ws, generate=False,
+                                input=[{"type": "item_reference", "id": "msg_unknown"}])
+        check_envelope(envelope, 400, "item_not_found", "input[0].id")
+    assert mock.requests == []
+
+
+async def test_stream_id_is_echoed_on_every_event(proxy: Proxy, mock: MockUpstream) -> None:
+    async with proxy.session.ws_connect(ws_url(proxy)) as ws:
+        events = await turn(ws, input="hi", stream_id="lane-a")
+        assert events and all(e["stream_id"] == "lane-a" for e in events)
+        warm = await turn(ws, input="x", generate=False, stream_id="lane-b")
+        assert all(e["stream_id"] == "lane-b" for e in warm)
+        await ws.send_json({"type": "response.create", "model": "m", "input": "x",
+                            "stream": False, "stream_id": "lane-c"})
+        [envelope] = await read_turn(ws)
+        assert envelope["stream_id"] == "lane-c"
+        assert envelope["error"]["param"] == "stream"
+        # Without a stream_id, no key (older clients validate events strictly).
+        plain = await turn(ws, input="again")
+        assert all("stream_id" not in e for e in plain)
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("message", "param", "code"), [
-    ({"type": "response.create", "model": "m", "input": "x", "stream": True},
-     "stream", "unknown_parameter"),
-    ({"type": "response.create", "model": "m", "input": "x", "stream_options": {}},
-     "stream_options", "unknown_parameter"),
-    ({"type": "response.create", "model": "m", "input": "x", "background": False},
-     "background", "unknown_parameter"),
+    ({"type": "response.create", "model": "m", "input": "x", "stream": False},
+     "stream", "unsupported_parameter"),
+    ({"type": "response.create", "model": "m", "input": "x", "stream_options": {"x": 1}},
+     "stream_options.x", "unknown_parameter"),
+    ({"type": "response.create", "model": "m", "input": "x", "background": True},
+     "background", "unsupported_parameter"),
+    ({"type": "response.create", "model": "m", "input": "x", "generate": 0},
+     "generate", "invalid_type"),
     ({"model": "m", "input": "x"}, "type", "missing_required_parameter"),
     ({"type": "response.cancel", "model": "m", "input": "x"}, "type", "invalid_value"),
     ({"type": "response.create", "model": "m"}, "input", "missing_required_parameter"),
@@ -455,7 +535,20 @@ async def test_openai_sdk_websocket(proxy: Proxy, mock: MockUpstream) -> None:
         [error] = await until_done(conn)
         assert (error.type, error.status, error.error.code) == (
             "error", 400, "previous_response_not_found")
-    assert upstream_texts(mock)[:2] == [("user", "hi"), ("assistant", "You said: hi")]
+        # The SDK's warm-up and lanes (response.create's `generate` and `stream_id`).
+        await conn.response.create(model="mock", input=[{"role": "developer",
+                                                         "content": "Be terse."}],
+                                   store=False, generate=False, stream_id="lane-1")
+        warm = await until_done(conn)
+        assert warm[-1].type == "response.completed" and warm[-1].response.output == []
+        assert {event.stream_id for event in warm} == {"lane-1"}
+        await conn.response.create(model="mock", input="and now?", store=False,
+                                   previous_response_id=warm[-1].response.id,
+                                   stream_id="lane-1")
+        turn_events = await until_done(conn)
+        assert turn_events[-1].response.output_text == "You said: and now?"
+    assert upstream_texts(mock, 1)[:2] == [("user", "hi"), ("assistant", "You said: hi")]
+    assert upstream_texts(mock, -1) == [("system", "Be terse."), ("user", "and now?")]
 
 
 # -- observability ----------------------------------------------------------------------------

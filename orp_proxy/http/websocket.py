@@ -15,6 +15,10 @@ once, since it cancels the handler.
 Connection-local state keeps the latest responses of the connection with their whole context,
 so `store: false` conversations continue on the same socket without the database; other ids
 fall back to the store. A continuation that fails evicts the id it continued from (spec).
+
+Transport fields clients send in `response.create`: `stream: true` (Codex, openai-agents),
+`stream_options`, `background: false` are tolerated; `generate: false` is a warm-up answered
+without the upstream; `stream_id` is echoed on every event of its turn.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from orp_proxy.exchange import ClientGone
 from orp_proxy.http.request import credential, request_id
 from orp_proxy.ops.access import CLIENT_CLOSED, AccessRecord, write_access_line
 from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
-from orp_proxy.pipeline import load_history, start_exchange
+from orp_proxy.pipeline import load_history, start_exchange, warm_up
 from orp_proxy.protocol.sse import json_bytes
 from orp_proxy.protocol.transcoder import Event
 from orp_proxy.protocol.validation import validate_create_body
@@ -53,6 +57,10 @@ QUEUED_TURNS = 4
 HEARTBEAT_SECONDS = 30.0
 
 LIMIT_CODE = "websocket_connection_limit_reached"
+
+# `response.create` fields about the socket itself, handled here and not passed on.
+_TRANSPORT_FIELDS = frozenset({"type", "stream", "stream_options", "background", "generate",
+                               "stream_id"})
 
 
 @dataclass
@@ -227,31 +235,46 @@ class _Connection:
         """The turn itself; returns the error sent as an envelope, if any."""
         rid = record.request_id
         previous_id: str | None = None
+        stream_id: str | None = None
         try:
             message = _decode(data)
             if isinstance(message, dict) and isinstance(message.get("previous_response_id"), str):
                 previous_id = message["previous_response_id"]
+            if isinstance(message, dict) and isinstance(message.get("stream_id"), str):
+                stream_id = message["stream_id"]
             body = validate_create_body(message, limits=self.gateway.limits, websocket=True)
-            body = {key: value for key, value in body.items() if key != "type"}
+            generate = body.get("generate") is not False
+            # Transport fields (validated, honoured here): not part of the response request.
+            body = {key: value for key, value in body.items() if key not in _TRANSPORT_FIELDS}
             history, parent_stored = await self._context(previous_id)
-            exchange = await start_exchange(self.gateway, body, owner=self.owner,
-                                            history=history, request_id=rid,
-                                            authorization=self.authorization)
+            if not generate:
+                warm = await warm_up(self.gateway, body, owner=self.owner, history=history,
+                                     parent_stored=parent_stored)
+            else:
+                exchange = await start_exchange(self.gateway, body, owner=self.owner,
+                                                history=history, request_id=rid,
+                                                authorization=self.authorization)
         except ApiError as exc:
-            await self._fail(exc, previous_id)
+            await self._fail(exc, previous_id, stream_id)
             return exc
         except Exception:
             log.exception("websocket turn %s failed unexpectedly", rid)
             error = ApiError(500, "The gateway failed unexpectedly.", type=SERVER_ERROR,
                              code="internal_error")
-            await self._fail(error, previous_id)
+            await self._fail(error, previous_id, stream_id)
             return error
+        transport: _Connection | _Lane = self if stream_id is None else _Lane(self, stream_id)
+        if not generate:
+            await transport.finish(warm.events)
+            self.recent.put(warm.response["id"], _Remembered(
+                [*history, *warm.new_items], stored=warm.stored))
+            return None
         record.exchange = exchange
         if exchange.persist is not None and not parent_stored:
             # Continuing a `store: false` response into a stored one: the store has no parent to
             # walk back to, so this response keeps the whole context as its input.
             exchange.persist.input_items = [*history, *exchange.new_items]
-        response = await exchange.run(self)
+        response = await exchange.run(transport)
         if response["status"] == "failed":
             if previous_id:
                 self.recent.evict(previous_id)
@@ -261,10 +284,30 @@ class _Connection:
             stored=exchange.persist is not None))
         return None
 
-    async def _fail(self, error: ApiError, previous_id: str | None) -> None:
+    async def _fail(self, error: ApiError, previous_id: str | None,
+                    stream_id: str | None = None) -> None:
         if previous_id:
             self.recent.evict(previous_id)
-        await self.send([error_envelope(error)])
+        envelope = error_envelope(error)
+        if stream_id is not None:
+            envelope["stream_id"] = stream_id
+        await self.send([envelope])
+
+
+class _Lane:
+    """A turn sent with a `stream_id` (the SDK's WebSocket lane): every event of the turn
+    carries it. Turns run one at a time anyway, so lanes need no scheduling of their own."""
+
+    def __init__(self, connection: _Connection, stream_id: str) -> None:
+        self._connection = connection
+        self._stream_id = stream_id
+
+    async def send(self, events: list[Event]) -> None:
+        # Copies: the transcoder's events are not ours to change.
+        await self._connection.send([{**event, "stream_id": self._stream_id}
+                                     for event in events])
+
+    finish = send
 
 
 _CONNECTIONS = web.AppKey("orp_ws_connections", weakref.WeakSet[_Connection])

@@ -516,14 +516,36 @@ _ITEM_TYPES: Final = (
 )
 
 
-def _websocket_forbidden(value: Any, parent: str, key: str) -> None:
+def _websocket_stream(value: Any, parent: str, key: str) -> None:
+    """`stream` on a socket: the spec says clients must not send it, but Codex and openai-agents
+    always send `true`. True (or null) is what happens anyway; false cannot be honoured."""
+    if value is None or value is True:
+        return
     path = _join(parent, key)
-    raise invalid(
-        f"Unknown parameter: '{path}'. '{path}' is not allowed on WebSocket requests: "
-        "responses are always streamed over the socket.",
-        path,
-        "unknown_parameter",
-    )
+    if value is False:
+        raise invalid(
+            f"Unsupported value for '{path}': false. Responses over a WebSocket are always "
+            "streamed; omit 'stream' (or send true).",
+            path,
+            "unsupported_parameter",
+        )
+    raise _type_error(path, "a boolean", value)
+
+
+def _websocket_background(value: Any, parent: str, key: str) -> None:
+    """Background responses do not exist on a socket (nor in this gateway); false/null is the
+    default and harmless."""
+    if value is None or value is False:
+        return
+    path = _join(parent, key)
+    if value is True:
+        raise invalid(
+            f"Unsupported value for '{path}': true. Background responses are not available over "
+            "a WebSocket.",
+            path,
+            "unsupported_parameter",
+        )
+    raise _type_error(path, "a boolean", value)
 
 
 def _websocket_type(value: Any, parent: str, key: str) -> None:
@@ -704,15 +726,22 @@ class _Validator:
             "store": _boolean(),
             "service_tier": _enum("auto", "default", "flex", "priority"),
             "top_logprobs": _integer(minimum=0, maximum=20),
+            # Codex's per-request labels (turn, session, window ids): logged by nobody, no effect.
+            "client_metadata": self._client_metadata,
         }
         self.create = _Shape(create)
         self.create_websocket = _Shape(
             {
                 **create,
                 "type": _websocket_type,
-                "stream": _websocket_forbidden,
-                "stream_options": _websocket_forbidden,
-                "background": _websocket_forbidden,
+                "stream": _websocket_stream,
+                # Only shapes the stream (obfuscation padding, which ORP never adds): no effect.
+                "stream_options": _object_of(_STREAM_OPTIONS, nullable=True),
+                "background": _websocket_background,
+                # False: a warm-up that stores the context without generating (Codex, the SDK).
+                "generate": _boolean(nullable=True),
+                # The SDK's WebSocket lane: echoed on every event of the turn.
+                "stream_id": _string(nullable=True, max_len=_MAX_ID_FIELD_LENGTH * 4),
             },
             ("type",),
         )
@@ -824,6 +853,13 @@ class _Validator:
                     "invalid_value",
                 )
             seen.add(name)
+
+    def _client_metadata(self, value: Any, parent: str, key: str) -> None:
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            raise _type_error(_join(parent, key), "an object", value)
+        _check_depth(value, _join(parent, key), self.limits.max_schema_depth, "object")
 
     def _metadata(self, value: Any, parent: str, key: str) -> None:
         if value is None:
