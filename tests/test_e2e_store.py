@@ -22,10 +22,12 @@ from typing import Any
 
 import aiohttp
 import openai
+import openresponses_types.types as ort
 import pytest
 
 from orp_proxy.app import SETTINGS
 from orp_proxy.config import Settings
+from orp_proxy.state import GATEWAY
 from orp_proxy.store.sqlite import SQLiteStore, StoredResponse
 from orp_proxy.upstream.mock import (
     MockUpstream,
@@ -242,6 +244,51 @@ async def test_get_returns_exactly_what_was_sent(sdk: Sdk, proxy: Proxy, mock: M
     created = await client.responses.create(model="mock", input="via the SDK")
     retrieved = await client.responses.retrieve(created.id)
     assert retrieved.model_dump() == created.model_dump()
+
+
+# The spec's output item models, by type; those of messages, calls and call outputs require
+# `status`.
+ITEM_MODELS = {"message": ort.Message, "function_call": ort.FunctionCall,
+               "function_call_output": ort.FunctionCallOutput, "reasoning": ort.ReasoningBody}
+
+
+def check_listed_item(item: dict[str, Any]) -> None:
+    ITEM_MODELS[item["type"]].model_validate(item)
+    assert item["status"] == "completed", item
+
+
+async def test_input_items_carry_status(proxy: Proxy) -> None:
+    items = [user("weather?"),
+             {"type": "reasoning", "summary": [{"type": "summary_text", "text": "use tool"}]},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather",
+              "arguments": '{"city": "Oslo"}'},
+             {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+    status, _, raw = await proxy.post({"model": "mock", "input": items,
+                                       "tools": [WEATHER_TOOL]}, headers=bearer())
+    assert status == 200, raw
+    status, page = await http(proxy, "GET", f"/v1/responses/{json.loads(raw)['id']}/input_items",
+                              params={"order": "asc"})
+    assert status == 200
+    assert [i["type"] for i in page["data"]] == ["message", "reasoning", "function_call",
+                                                 "function_call_output"]
+    for item in page["data"]:
+        check_listed_item(item)
+
+    # Items stored before every item had a status are listed with one.
+    store = proxy.server.app[GATEWAY].store
+    old = [{"id": "fc_old", "type": "function_call", "call_id": "c", "name": "f",
+            "arguments": "{}"},
+           {"id": "fco_old", "type": "function_call_output", "call_id": "c", "output": "x"},
+           {"id": "rs_old", "type": "reasoning", "summary": []}]
+    response = json.loads(raw)
+    await store.save_response(StoredResponse(
+        id="resp_old", owner=store.owner_id(KEY_A), previous_response_id=None,
+        created_at=response["created_at"], status="completed",
+        response=dict(response, id="resp_old"), input_items=old))
+    status, page = await http(proxy, "GET", "/v1/responses/resp_old/input_items")
+    assert status == 200 and len(page["data"]) == 3
+    for item in page["data"]:
+        check_listed_item(item)
 
 
 async def test_delete(sdk: Sdk, proxy: Proxy, mock: MockUpstream) -> None:

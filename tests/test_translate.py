@@ -39,7 +39,7 @@ def test_roles_and_developer_mapping() -> None:
     ]
     assert messages(items) == [
         {"role": "system", "content": "dev rules"},
-        {"role": "system", "content": "ab"},
+        {"role": "system", "content": "a\nb"},
         {"role": "user", "content": "q"},
         {"role": "assistant", "content": "ans"},
     ]
@@ -122,6 +122,85 @@ def test_normalize_assigns_ids_and_part_lists() -> None:
     assert items[0]["content"] == [{"type": "input_text", "text": "hi"}]
     assert items[1]["id"].startswith("fco_")
     assert items[2] == {"type": "item_reference", "id": "msg_1"}
+
+
+# -- issue 12: replay order, text parts, refusals, status -------------------------------
+
+
+def test_text_after_calls_joins_the_message_holding_them() -> None:
+    # A stored output `[function_call, message]` (the model spoke after calling), replayed
+    # with the call's output: the tool message must directly follow the calls.
+    items = [
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Let me check.", "annotations": []}]},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"role": "user", "content": "thanks"},
+    ]
+    assert messages(items) == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "user", "content": "thanks"},
+    ]
+
+
+def test_text_before_and_after_calls_are_one_message() -> None:
+    items = [{"role": "assistant", "content": "First."},
+             {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+             {"role": "assistant", "content": "Then."},
+             {"type": "function_call", "call_id": "c2", "name": "w", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "a"},
+             {"type": "function_call_output", "call_id": "c2", "output": "b"}]
+    out = messages(items)
+    assert [m["role"] for m in out] == ["assistant", "tool", "tool"]
+    assert out[0]["content"] == "First.\nThen."
+    assert [c["id"] for c in out[0]["tool_calls"]] == ["c1", "c2"]
+
+
+def test_text_parts_are_joined_with_a_newline() -> None:
+    # As vLLM joins text parts for its chat templates; never glued together.
+    parts = [{"type": "input_text", "text": "Translate this:"},
+             {"type": "input_text", "text": "Bonjour"}]
+    items = [{"role": "user", "content": parts},
+             {"role": "developer", "content": parts},
+             {"type": "message", "role": "assistant", "content": [
+                 {"type": "output_text", "text": "Hello", "annotations": []},
+                 {"type": "output_text", "text": "there", "annotations": []}]},
+             {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": parts}]
+    out = messages(items)
+    assert out[0] == {"role": "user", "content": "Translate this:\nBonjour"}
+    assert out[1] == {"role": "system", "content": "Translate this:\nBonjour"}
+    assert out[2]["content"] == "Hello\nthere"
+    assert out[3] == {"role": "tool", "tool_call_id": "c1", "content": "Translate this:\nBonjour"}
+
+
+def test_assistant_refusal_goes_to_the_refusal_field() -> None:
+    items = [{"type": "message", "role": "assistant", "content": [
+                 {"type": "refusal", "refusal": "I can't help with that."}]},
+             {"role": "user", "content": "ok"},
+             {"type": "message", "role": "assistant", "content": [
+                 {"type": "output_text", "text": "Partly:", "annotations": []},
+                 {"type": "refusal", "refusal": "not the rest."}]}]
+    out = messages(items)
+    assert out[0] == {"role": "assistant", "content": "", "refusal": "I can't help with that."}
+    assert out[2] == {"role": "assistant", "content": "Partly:", "refusal": "not the rest."}
+
+
+def test_normalize_gives_every_item_type_with_a_status_one() -> None:
+    items = normalize_input([
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": "x"},
+        {"type": "reasoning", "summary": []},
+        {"type": "function_call", "call_id": "d", "name": "f", "arguments": "{}",
+         "status": "incomplete"},
+        {"type": "compaction", "encrypted_content": "x"},
+    ])
+    assert [i.get("status") for i in items] == ["completed", "completed", "completed",
+                                                "incomplete", None]
 
 
 TOOLS = [

@@ -10,6 +10,7 @@ from orp_proxy.http.sse import stream_events
 from orp_proxy.ops.access import attach_exchange
 from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
 from orp_proxy.pipeline import load_history, start_exchange
+from orp_proxy.protocol.translate import with_status
 from orp_proxy.protocol.validation import validate_create_body
 from orp_proxy.state import GATEWAY
 
@@ -89,7 +90,7 @@ async def list_input_items(request: web.Request) -> web.StreamResponse:
         after=request.query.get("after") or None, before=request.query.get("before") or None)
     if page is None:
         raise _not_found(response_id)
-    data = page.data
+    data = [with_status(item) for item in page.data]
     return json_response({
         "object": "list",
         "data": data,

@@ -31,8 +31,23 @@ def item_type(item: Mapping[str, Any]) -> str:
     return "message" if "role" in item else "item_reference"
 
 
+# Item types whose `status` the spec requires (messages, calls and their outputs), plus
+# reasoning, which carries one in what we emit (as in OpenAI's API). Input items may omit it;
+# what we store and list has it.
+_WITH_STATUS = frozenset({"message", "function_call", "function_call_output", "reasoning"})
+
+
+def with_status(item: dict[str, Any]) -> dict[str, Any]:
+    """`item`, or a copy with `status: completed` if its type has a status and it lacks one
+    (items stored before every item got one)."""
+    if "status" in item or item.get("type") not in _WITH_STATUS:
+        return item
+    return dict(item, status="completed")
+
+
 def normalize_item(item: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of one validated input item with `type` and `id` set and string content as parts."""
+    """A copy of one validated input item with `type`, `id` and `status` set and string
+    content as parts."""
     kind = item_type(item)
     out = dict(item)
     out["type"] = kind
@@ -45,6 +60,7 @@ def normalize_item(item: Mapping[str, Any]) -> dict[str, Any]:
                 out["content"] = [{"type": "output_text", "text": content, "annotations": []}]
             else:
                 out["content"] = [{"type": "input_text", "text": content}]
+    if kind in _WITH_STATUS:
         out.setdefault("status", "completed")
     return out
 
@@ -67,10 +83,16 @@ def normalize_input(value: Any) -> list[dict[str, Any]]:
 # -- items → chat messages ----------------------------------------------------------------
 
 
+# Text parts of one message become one string joined with a newline, as vLLM joins them for
+# its chat templates: "Translate this:" + "Bonjour" must not read "Translate this:Bonjour".
+# (A string rather than a parts array: every chat template understands it.)
+_PART_SEPARATOR = "\n"
+
+
 def _joined_text(content: Any, key: str = "text") -> str:
     if isinstance(content, str):
         return content
-    return "".join(part.get(key) or "" for part in content)
+    return _PART_SEPARATOR.join(part.get(key) or "" for part in content)
 
 
 def _user_part(part: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,7 +118,7 @@ def _user_content(content: Any) -> Any:
     parts = [_user_part(p) for p in content]
     if all(p["type"] == "text" for p in parts):
         # Text-only content as one string: the shape every legacy chat template understands.
-        return "".join(p["text"] for p in parts)
+        return _PART_SEPARATOR.join(p["text"] for p in parts)
     return parts
 
 
@@ -134,17 +156,36 @@ class _Messages:
         if role == "user":
             self.messages.append({"role": "user", "content": _user_content(content)})
         elif role == "assistant":
-            if isinstance(content, str):
-                text = content
-            else:
-                text = "".join(
-                    (p.get("text") if p["type"] == "output_text" else p.get("refusal")) or ""
-                    for p in content
-                )
-            self.messages.append({"role": "assistant", "content": text})
+            self._assistant(content)
         else:
             target = self.developer_role if role == "developer" else "system"
             self.messages.append({"role": target, "content": _joined_text(content)})
+
+    def _assistant(self, content: Any) -> None:
+        if isinstance(content, str):
+            texts, refusals = [content], []
+        else:
+            texts = [p.get("text") or "" for p in content if p["type"] == "output_text"]
+            refusals = [p.get("refusal") or "" for p in content if p["type"] == "refusal"]
+        text = _PART_SEPARATOR.join(texts)
+        refusal = _PART_SEPARATOR.join(refusals)
+        last = self.messages[-1] if self.messages else None
+        if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+            # Text after the calls of the same turn (output `[function_call, message]`) joins
+            # the message holding the calls: the tool messages answering them must follow
+            # it directly (OpenAI and Azure refuse anything in between).
+            if text:
+                last["content"] = _PART_SEPARATOR.join(filter(None, (last["content"], text)))
+            if refusal:
+                last["refusal"] = _PART_SEPARATOR.join(filter(None, (last.get("refusal"),
+                                                                     refusal)))
+            return
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if refusal:
+            # Chat Completions has a field for it; in `content` the model would read its own
+            # refusal as something it said.
+            message["refusal"] = refusal
+        self.messages.append(message)
 
     def _function_call(self, item: Mapping[str, Any]) -> None:
         call = {
@@ -172,7 +213,7 @@ class _Messages:
                     texts.append(part["text"])
                 else:
                     self._tool_media.append(_user_part(part))
-            text = "".join(texts)
+            text = _PART_SEPARATOR.join(texts)
         self.messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": text})
 
     def finish(self) -> list[dict[str, Any]]:
