@@ -204,10 +204,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_tokens_field", "ORP_MAX_TOKENS_FIELD",
             _choice("max_tokens", "max_completion_tokens"),
             "Upstream field that carries max_output_tokens.", metavar="FIELD"),
-    Setting("reasoning_events", "ORP_REASONING_EVENTS", _choice("spec", "openai"),
-            "Names of raw-reasoning stream events: 'spec' (response.reasoning.delta) or "
-            "'openai' (response.reasoning_text.delta, for clients that only know those).",
+    Setting("reasoning_events", "ORP_REASONING_EVENTS", _choice("auto", "spec", "openai"),
+            "Names of raw-reasoning stream events: 'spec' (response.reasoning.delta), 'openai' "
+            "(response.reasoning_text.delta) or 'auto' (OpenAI's names for clients known to "
+            "read only those: the openai SDKs, the Vercel AI SDK, Codex; the spec's otherwise).",
             metavar="STYLE"),
+    Setting("upstream_reasoning_field", "ORP_UPSTREAM_REASONING_FIELD",
+            _choice("both", "reasoning_content", "reasoning", "none"),
+            "Field of the assistant message that carries replayed reasoning upstream: "
+            "'reasoning_content' (llama.cpp, SGLang, DeepSeek), 'reasoning' (vLLM), 'both', or "
+            "'none' (reasoning is not sent back).", metavar="FIELD"),
+    Setting("thinking_kwarg", "ORP_UPSTREAM_THINKING_KWARG", _optional_str,
+            "Chat-template argument that switches a hybrid model's thinking (e.g. "
+            "'enable_thinking' for Qwen3/GLM, 'thinking' for DeepSeek-V3.1): with it, "
+            "reasoning.effort none/minimal sends chat_template_kwargs {NAME: false} instead of "
+            "reasoning_effort, other efforts {NAME: true} plus reasoning_effort. Unset: "
+            "reasoning.effort goes upstream as reasoning_effort.", metavar="NAME"),
     Setting("max_line_bytes", "ORP_MAX_UPSTREAM_LINE_BYTES", _positive_int,
             "Longest line accepted from the upstream stream (bytes).", metavar="BYTES"),
     Setting("log_level", "ORP_LOG_LEVEL", _choice_ci("debug", "info", "warning", "error"),
@@ -295,7 +307,9 @@ class Settings:
     pool_limit: int = 1000
     developer_role: str = "system"
     max_tokens_field: str = "max_tokens"
-    reasoning_events: str = "spec"
+    reasoning_events: str = "auto"
+    upstream_reasoning_field: str = "both"
+    thinking_kwarg: str | None = None
     max_line_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
     log_format: str = "json"

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from orp_proxy.errors import SERVER_ERROR, ApiError
 from orp_proxy.exchange import Exchange, Persistence
+from orp_proxy.protocol.clients import reasoning_event_style
 from orp_proxy.protocol.resource import build_response, usage_from_chat
-from orp_proxy.protocol.summaries import replay_compactions
+from orp_proxy.protocol.summaries import REASONING, replay_sealed
 from orp_proxy.protocol.transcoder import Event, Transcoder
 from orp_proxy.protocol.translate import (
     allowed_tool_names,
@@ -87,8 +89,8 @@ async def warm_up(gateway: Gateway, body: dict[str, Any], *, owner: str,
     that the next turn can continue from it with only its new items."""
     model = _model(gateway, body)
     new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
-    # Bad compaction blobs fail now, as they would on a generating turn.
-    replay_compactions(gateway.compaction, owner, history, new_items)
+    # Bad sealed blobs fail now, as they would on a generating turn.
+    replay_sealed(gateway.compaction, owner, history, new_items)
     transcoder = Transcoder(build_response(body, model=model))
     transcoder.start()
     transcoder.response["usage"] = usage_from_chat({})
@@ -115,25 +117,35 @@ async def warm_up(gateway: Gateway, body: dict[str, Any], *, owner: str,
 
 async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
                          history: list[dict[str, Any]], request_id: str,
-                         authorization: str | None = None) -> Exchange:
+                         authorization: str | None = None,
+                         client_headers: Mapping[str, str] | None = None) -> Exchange:
     """Translate, open the upstream stream (HTTP errors surface here), return the exchange.
 
     `authorization`: the client's header to send upstream instead of ORP's key (pass-through
-    authentication, `auth.UPSTREAM_AUTHORIZATION`)."""
+    authentication, `auth.UPSTREAM_AUTHORIZATION`). `client_headers`: the request's (or the
+    WebSocket upgrade's) headers, which pick the reasoning event names under `auto`."""
     settings = gateway.settings
     model = _model(gateway, body)
     new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
-    # Compaction items go upstream as the summaries they seal; the store keeps them sealed.
-    context = replay_compactions(gateway.compaction, owner, history, new_items)
+    # Compaction items go upstream as the summaries they seal, reasoning items with the text
+    # their blob seals; the store keeps them as the client sent them.
+    context = replay_sealed(gateway.compaction, owner, history, new_items)
     messages = to_chat_messages(context, instructions=body.get("instructions"),
-                                developer_role=settings.developer_role)
+                                developer_role=settings.developer_role,
+                                reasoning_field=settings.upstream_reasoning_field)
     chat = build_chat_request(body, messages, model=settings.upstream_model(model),
                               settings=settings)
+    include = body.get("include") or ()
+    reasoning = body.get("reasoning")
+    cipher = gateway.compaction
     transcoder = Transcoder(
         build_response(body, model=model),
         allowed_tools=allowed_tool_names(body),
-        reasoning_events=settings.reasoning_events,
-        include_logprobs="message.output_text.logprobs" in (body.get("include") or ()),
+        reasoning_events=reasoning_event_style(settings.reasoning_events, client_headers),
+        reasoning_summary=isinstance(reasoning, dict) and reasoning.get("summary") is not None,
+        seal_reasoning=((lambda text: cipher.seal(owner, text, purpose=REASONING))
+                        if "reasoning.encrypted_content" in include else None),
+        include_logprobs="message.output_text.logprobs" in include,
     )
     upstream = await gateway.upstream.open(chat, request_id=request_id,
                                            authorization=authorization)

@@ -26,7 +26,7 @@ from orp_proxy.ops.access import attach_exchange
 from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
 from orp_proxy.pipeline import load_history, resolve_references
 from orp_proxy.protocol.resource import build_response, new_id, usage_from_chat
-from orp_proxy.protocol.summaries import replay_compactions
+from orp_proxy.protocol.summaries import replay_sealed
 from orp_proxy.protocol.transcoder import Transcoder
 from orp_proxy.protocol.translate import (
     build_chat_request,
@@ -71,9 +71,10 @@ async def compact_response(request: web.Request) -> web.StreamResponse:
     model: str = body["model"]
     history = await load_history(gateway, owner, body.get("previous_response_id"))
     new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
-    context = replay_compactions(gateway.compaction, owner, history, new_items)
+    context = replay_sealed(gateway.compaction, owner, history, new_items)
     messages = to_chat_messages(context, instructions=body.get("instructions"),
-                                developer_role=settings.developer_role)
+                                developer_role=settings.developer_role,
+                                reasoning_field=settings.upstream_reasoning_field)
     messages.append({"role": "user", "content": SUMMARY_REQUEST})
     chat = build_chat_request({}, messages, model=settings.upstream_model(model),
                               settings=settings)

@@ -28,7 +28,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     rid = request_id(request)
     history = await load_history(gateway, owner, body.get("previous_response_id"))
     exchange = await start_exchange(gateway, body, owner=owner, history=history, request_id=rid,
-                                    authorization=request.get(UPSTREAM_AUTHORIZATION))
+                                    authorization=request.get(UPSTREAM_AUTHORIZATION),
+                                    client_headers=request.headers)
     attach_exchange(request, exchange, stream=bool(body.get("stream")))
     headers = {"X-Request-Id": rid}
     if body.get("stream"):

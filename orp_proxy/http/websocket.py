@@ -253,7 +253,8 @@ class _Connection:
             else:
                 exchange = await start_exchange(self.gateway, body, owner=self.owner,
                                                 history=history, request_id=rid,
-                                                authorization=self.authorization)
+                                                authorization=self.authorization,
+                                                client_headers=self.request.headers)
         except ApiError as exc:
             await self._fail(exc, previous_id, stream_id)
             return exc

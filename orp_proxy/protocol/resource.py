@@ -129,10 +129,27 @@ def _details(value: Any) -> dict[str, Any]:
     return value if type(value) is dict else {}
 
 
-def usage_from_chat(usage: dict[str, Any]) -> dict[str, Any]:
-    """Chat Completions `usage` → Open Responses `usage`, every detail field present."""
+def _reported_reasoning(usage: dict[str, Any]) -> Any:
+    """The upstream's reasoning-token count, wherever it puts it; None if it reports none.
+
+    OpenAI, DeepSeek and OpenRouter use `completion_tokens_details.reasoning_tokens`, SGLang a
+    top-level `reasoning_tokens`; vLLM and llama.cpp report no such count."""
+    details = _details(usage.get("completion_tokens_details"))
+    if details.get("reasoning_tokens") is not None:
+        return details["reasoning_tokens"]
+    return usage.get("reasoning_tokens")
+
+
+def usage_from_chat(usage: dict[str, Any], *, reasoning_estimate: int = 0) -> dict[str, Any]:
+    """Chat Completions `usage` → Open Responses `usage`, every detail field present.
+
+    `reasoning_estimate` stands in for the reasoning-token count when the upstream reports none
+    (capped at the output tokens)."""
     prompt = _count(usage.get("prompt_tokens"))
     completion = _count(usage.get("completion_tokens"))
+    reported = _reported_reasoning(usage)
+    reasoning = (_count(reported) if reported is not None
+                 else min(reasoning_estimate, completion))
     return {
         "input_tokens": prompt,
         "output_tokens": completion,
@@ -140,7 +157,5 @@ def usage_from_chat(usage: dict[str, Any]) -> dict[str, Any]:
         "input_tokens_details": {
             "cached_tokens": _count(_details(usage.get("prompt_tokens_details"))
                                     .get("cached_tokens"))},
-        "output_tokens_details": {
-            "reasoning_tokens": _count(_details(usage.get("completion_tokens_details"))
-                                       .get("reasoning_tokens"))},
+        "output_tokens_details": {"reasoning_tokens": reasoning},
     }

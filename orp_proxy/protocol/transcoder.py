@@ -5,7 +5,10 @@ write (streaming) or just the final response object (JSON): one transcoder, both
 
 Output items, in the order the model produces them:
 - reasoning text (`delta.reasoning_content` / `delta.reasoning`) → a `reasoning` item with one
-  `reasoning_text` part;
+  `reasoning_text` part; when the request asked for a reasoning summary, the same text is also
+  the item's one `summary_text` part and streams as the summary events (the content part then
+  gets only its `done` event, so no client reading both counts the text twice); with
+  `reasoning.encrypted_content` included, the finished item carries the text sealed;
 - text and refusals (`delta.content` / `delta.refusal`) → a `message` item whose parts are
   `output_text` and `refusal`;
 - tool calls (`delta.tool_calls`, fragments keyed by `index`, possibly interleaved) → one
@@ -90,14 +93,17 @@ class _Text:
 
 
 class _Part:
-    """An open content part: its dict (already in the item's content) and its text pieces."""
+    """An open content part: its dict (already in the item's content) and its text pieces.
 
-    __slots__ = ("index", "kind", "part", "text")
+    `summary` is the reasoning item's summary part presenting the same text, if any."""
+
+    __slots__ = ("index", "kind", "part", "summary", "text")
 
     def __init__(self, kind: str, index: int, part: dict[str, Any]) -> None:
         self.kind = kind
         self.index = index
         self.part = part
+        self.summary: dict[str, Any] | None = None
         self.text = _Text()
 
 
@@ -156,6 +162,9 @@ class Transcoder:
     updated in place and is the final object once a terminal event has been produced.
     `allowed_tools` is the set of function names the model may call; a call to any other name
     fails the response instead of reaching the client (the spec's hard `allowed_tools` rule).
+    `reasoning_summary` presents reasoning as the item's summary too (the request set
+    `reasoning.summary`); `seal_reasoning` (given when the request includes
+    `reasoning.encrypted_content`) turns a reasoning item's text into its `encrypted_content`.
     """
 
     def __init__(
@@ -164,6 +173,8 @@ class Transcoder:
         *,
         allowed_tools: Iterable[str] = (),
         reasoning_events: str = "spec",
+        reasoning_summary: bool = False,
+        seal_reasoning: Callable[[str], str] | None = None,
         include_logprobs: bool = False,
         id_factory: Callable[[str], str] = new_id,
     ) -> None:
@@ -171,6 +182,9 @@ class Transcoder:
         self._new_id = id_factory
         self.allowed_tools = frozenset(allowed_tools)
         self._reasoning_delta, self._reasoning_done = REASONING_EVENT_NAMES[reasoning_events]
+        self._summary = reasoning_summary
+        self._seal = seal_reasoning
+        self._reasoning_chunks = 0  # an estimate of reasoning tokens for upstreams that count none
         self._logprobs = include_logprobs
         self._events: list[Event] = []
         self._seq = 0
@@ -221,7 +235,8 @@ class Transcoder:
         if usage:
             if type(usage) is not dict:
                 raise ValueError("'usage' is not an object")
-            self.response["usage"] = usage_from_chat(usage)
+            self.response["usage"] = usage_from_chat(
+                usage, reasoning_estimate=self._reasoning_chunks)
 
     def _answer_choice(self, choices: list[Any]) -> dict[str, Any] | None:
         """Choice 0 of a chunk that has others (or only others); they are noted once."""
@@ -406,6 +421,19 @@ class Transcoder:
             # Its own lists: the part's `logprobs` grows with every later token.
             snapshot["annotations"] = []
             snapshot["logprobs"] = []
+        if kind == "reasoning_text" and self._summary:
+            summaries = owner.item["summary"]
+            opened.summary = {"type": "summary_text", "text": ""}
+            summaries.append(opened.summary)
+            self._emit(
+                {
+                    "type": "response.reasoning_summary_part.added",
+                    "item_id": owner.id,
+                    "output_index": owner.output_index,
+                    "summary_index": len(summaries) - 1,
+                    "part": dict(opened.summary),
+                }
+            )
         self._emit(
             {
                 "type": "response.content_part.added",
@@ -462,6 +490,18 @@ class Transcoder:
             part = self._part(item, "reasoning_text")
         part.text.append(text)
         self._last = item
+        self._reasoning_chunks += 1
+        if part.summary is not None:
+            self._emit(
+                {
+                    "type": "response.reasoning_summary_text.delta",
+                    "item_id": item.id,
+                    "output_index": item.output_index,
+                    "summary_index": len(item.item["summary"]) - 1,
+                    "delta": text,
+                }
+            )
+            return
         self._emit(
             {
                 "type": self._reasoning_delta,
@@ -567,9 +607,22 @@ class Transcoder:
                         "logprobs": part.part["logprobs"]})
         else:
             part.part["text"] = text
+            summary = part.summary
+            if summary is not None:
+                summary["text"] = text
+                at = {"item_id": owner.id, "output_index": owner.output_index,
+                      "summary_index": len(owner.item["summary"]) - 1}
+                self._emit({"type": "response.reasoning_summary_text.done", **at, "text": text})
+                self._emit({"type": "response.reasoning_summary_part.done", **at,
+                            "part": summary})
             self._emit({"type": self._reasoning_done, **base, "text": text})
+            self._seal_item(owner.item, text)
         self._emit({"type": "response.content_part.done", **base, "part": part.part})
         owner.part = None
+
+    def _seal_item(self, item: dict[str, Any], text: str) -> None:
+        if self._seal is not None:
+            item["encrypted_content"] = self._seal(text)
 
     def _close(self, open_item: _Item, status: str) -> None:
         item = open_item.item
@@ -604,7 +657,11 @@ class Transcoder:
             elif open_item.part is not None:
                 part = open_item.part
                 key = "refusal" if part.kind == "refusal" else "text"
-                part.part[key] = part.text.value()
+                text = part.part[key] = part.text.value()
+                if part.kind == "reasoning_text":
+                    if part.summary is not None:
+                        part.summary["text"] = text
+                    self._seal_item(item, text)
             if "status" in item:
                 item["status"] = "incomplete"
         self._calls.clear()

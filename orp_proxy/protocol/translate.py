@@ -122,12 +122,41 @@ def _user_content(content: Any) -> Any:
     return parts
 
 
+def reasoning_text(item: Mapping[str, Any]) -> str:
+    """The text of a reasoning item: its `content` (raw reasoning), else its `summary` parts.
+
+    Sealed items have been opened before this (`summaries.replay_sealed`), so `content` holds
+    the unsealed text. Clients that only keep summaries (LangChain, pydantic-ai, the Vercel AI
+    SDK) send those back, and for ORP's own output the summary is the same text.
+    """
+    for key in ("content", "summary"):
+        parts = item.get(key)
+        if parts:
+            texts = [p.get("text") or "" for p in parts if isinstance(p, Mapping)]
+            text = "\n\n".join(t for t in texts if t)
+            if text:
+                return text
+    return ""
+
+
+# Upstream message fields that carry replayed reasoning, per ORP_UPSTREAM_REASONING_FIELD.
+REASONING_FIELDS = {
+    "reasoning_content": ("reasoning_content",),
+    "reasoning": ("reasoning",),
+    "both": ("reasoning_content", "reasoning"),
+    "none": (),
+}
+
+
 class _Messages:
     """Accumulates chat messages, merging what Chat Completions keeps in one message."""
 
-    def __init__(self, developer_role: str) -> None:
+    def __init__(self, developer_role: str, reasoning_field: str = "both") -> None:
         self.messages: list[dict[str, Any]] = []
         self.developer_role = developer_role
+        self.reasoning_fields = REASONING_FIELDS[reasoning_field]
+        # Reasoning waiting for the assistant message it belongs to (the next one).
+        self._reasoning: list[str] = []
         # Non-text parts of tool outputs, sent as a user message after the run of tool messages
         # (Chat Completions `tool` messages carry text only).
         self._tool_media: list[dict[str, Any]] = []
@@ -139,6 +168,12 @@ class _Messages:
 
     def add(self, item: Mapping[str, Any]) -> None:
         kind = item_type(item)
+        if kind == "reasoning":
+            if self.reasoning_fields:
+                text = reasoning_text(item)
+                if text:
+                    self._reasoning.append(text)
+            return
         if kind != "function_call_output":
             self._flush_media()
         if kind == "message":
@@ -147,8 +182,19 @@ class _Messages:
             self._function_call(item)
         elif kind == "function_call_output":
             self._function_output(item)
-        # Reasoning items are dropped: Chat Completions has no input slot for them, and some
-        # servers reject `reasoning_content` on input messages.
+        # Whatever reasoning is still pending was not followed by the model's own output (a
+        # user message came next): no assistant message carries it, so it stays out.
+        self._reasoning.clear()
+
+    def _attach_reasoning(self, message: dict[str, Any]) -> None:
+        """Put the pending reasoning on `message` (an assistant message) in the backend's field."""
+        if not self._reasoning:
+            return
+        text = "\n\n".join(self._reasoning)
+        self._reasoning.clear()
+        for field in self.reasoning_fields:
+            earlier = message.get(field)
+            message[field] = f"{earlier}\n\n{text}" if earlier else text
 
     def _message(self, item: Mapping[str, Any]) -> None:
         role = item["role"]
@@ -179,12 +225,14 @@ class _Messages:
             if refusal:
                 last["refusal"] = _PART_SEPARATOR.join(filter(None, (last.get("refusal"),
                                                                      refusal)))
+            self._attach_reasoning(last)
             return
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if refusal:
             # Chat Completions has a field for it; in `content` the model would read its own
             # refusal as something it said.
             message["refusal"] = refusal
+        self._attach_reasoning(message)
         self.messages.append(message)
 
     def _function_call(self, item: Mapping[str, Any]) -> None:
@@ -195,12 +243,16 @@ class _Messages:
         }
         last = self.messages[-1] if self.messages else None
         if last is not None and last["role"] == "assistant":
-            # The model's text and the calls it made in the same turn are one chat message.
+            # The model's text and the calls it made in the same turn are one chat message,
+            # and so is the reasoning that came before either.
             last.setdefault("tool_calls", []).append(call)
             if not last.get("content"):
                 last["content"] = None
+            self._attach_reasoning(last)
         else:
-            self.messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            self._attach_reasoning(message)
+            self.messages.append(message)
 
     def _function_output(self, item: Mapping[str, Any]) -> None:
         output = item["output"]
@@ -222,10 +274,15 @@ class _Messages:
 
 
 def to_chat_messages(
-    items: Iterable[Mapping[str, Any]], *, instructions: str | None, developer_role: str
+    items: Iterable[Mapping[str, Any]], *, instructions: str | None, developer_role: str,
+    reasoning_field: str = "both",
 ) -> list[dict[str, Any]]:
-    """Chat messages for a context of items, `instructions` first as a system message."""
-    builder = _Messages(developer_role)
+    """Chat messages for a context of items, `instructions` first as a system message.
+
+    A reasoning item goes on the assistant message that follows it (the text and tool calls of
+    the same turn), in the field(s) `reasoning_field` names; nothing else carries it.
+    """
+    builder = _Messages(developer_role, reasoning_field)
     if instructions:
         builder.messages.append({"role": "system", "content": instructions})
     for item in items:
@@ -322,8 +379,19 @@ def build_chat_request(
     if body.get("max_output_tokens") is not None:
         chat[settings.max_tokens_field] = body["max_output_tokens"]
     reasoning = body.get("reasoning")
-    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
-        chat["reasoning_effort"] = reasoning["effort"]
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
+    if effort is not None:
+        switch = settings.thinking_kwarg
+        if switch:
+            # Hybrid thinking models (Qwen3, GLM, DeepSeek-V3.1 …) switch thinking with a chat
+            # template argument; "none" and "minimal" turn it off and then no effort is sent
+            # (vLLM accepts only low, medium and high there).
+            thinking = effort not in ("none", "minimal")
+            chat["chat_template_kwargs"] = {switch: thinking}
+            if thinking:
+                chat["reasoning_effort"] = effort
+        else:
+            chat["reasoning_effort"] = effort
     for name in _PASSTHROUGH:
         if body.get(name) is not None:
             chat[name] = body[name]

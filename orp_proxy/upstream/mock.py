@@ -203,19 +203,31 @@ def reasoning_chunks(
     text: Sequence[str],
     *,
     field: str = "reasoning_content",
-    finish_reason: str | None = "stop",
+    calls: Sequence[tuple[str, str, str]] = (),
+    finish_reason: str | None = None,
     usage: dict[str, Any] | None = None,
     model: str = "mock",
     completion_id: str = DEFAULT_ID,
     created: int = DEFAULT_CREATED,
 ) -> list[dict[str, Any]]:
-    """Chunks streaming `reasoning` as `delta.<field>` (`reasoning_content` as vLLM/DeepSeek/
-    llama.cpp send it, or `reasoning` as newer vLLM/OpenRouter do), then `text` as content."""
+    """Chunks streaming `reasoning` as `delta.<field>` (`reasoning_content` as DeepSeek/llama.cpp/
+    SGLang send it, or `reasoning` as vLLM/OpenRouter do), then `text` as content, then `calls`
+    (`(call_id, name, arguments_json)`, each in two fragments: name, then arguments).
+
+    `finish_reason` defaults to `tool_calls` with calls, `stop` without."""
     if field not in ("reasoning_content", "reasoning"):
         raise ValueError(f"field must be 'reasoning_content' or 'reasoning', got {field!r}")
     chunks = [_chunk(dict(_ROLE_TEXT), None, model, completion_id, created)]
     chunks.extend(_chunk({field: p}, None, model, completion_id, created) for p in reasoning)
     chunks.extend(_chunk({"content": p}, None, model, completion_id, created) for p in text)
+    for index, (call_id, name, arguments) in enumerate(calls):
+        head = {"index": index, "id": call_id, "type": "function",
+                "function": {"name": name, "arguments": ""}}
+        tail = {"index": index, "function": {"arguments": arguments}}
+        chunks.append(_chunk({"tool_calls": [head]}, None, model, completion_id, created))
+        chunks.append(_chunk({"tool_calls": [tail]}, None, model, completion_id, created))
+    if finish_reason is None:
+        finish_reason = "tool_calls" if calls else "stop"
     return _close(chunks, finish_reason, usage, model, completion_id, created)
 
 
@@ -725,6 +737,10 @@ class MockUpstream:
 
         said = self._echo_text(messages)
         if model == "mock-reasoning":
+            tools = body.get("tools")
+            if isinstance(tools, list) and tools:
+                return 200, {}, self._reasoning_tools(messages, tools, prompt, include_usage,
+                                                      meta)
             thought = _split_words(f"The user wrote {prompt} words; I will repeat them back.")
             pieces, finish = capped(thought + _split_words(said))
             reasoning, text = pieces[: len(thought)], pieces[len(thought) :]
@@ -738,6 +754,33 @@ class MockUpstream:
         pieces, finish = capped(_split_words(said))
         usage = usage_dict(prompt, len(pieces)) if include_usage else None
         return 200, {}, text_chunks(pieces, finish_reason=finish, usage=usage, **meta)
+
+    @staticmethod
+    def _reasoning_tools(messages: list[dict[str, Any]], tools: list[Any], prompt: int,
+                         include_usage: bool, meta: dict[str, Any]) -> list[dict[str, Any]]:
+        """A thinking model with tools: think, then call the first tool; after a tool result,
+        think again and answer with it. Each thought says how many earlier thoughts came back
+        on assistant messages (`reasoning_content` or `reasoning`), so a client can see that its
+        reasoning made the round trip."""
+        last = messages[-1] if messages else {}
+        recalled = sum(1 for m in messages if m.get("role") == "assistant"
+                       and (m.get("reasoning_content") or m.get("reasoning")))
+        if last.get("role") == "tool":
+            thought = _split_words(f"I recall {recalled} earlier thoughts. The tool answered; "
+                                   "I can reply now.")
+            text = _split_words(f"The tool returned: {_text_of(last.get('content'))}")
+            calls: list[tuple[str, str, str]] = []
+        else:
+            tool = tools[0] if isinstance(tools[0], dict) else {}
+            function = tool.get("function")
+            name = function.get("name") if isinstance(function, dict) else tool.get("name")
+            thought = _split_words(f"I recall {recalled} earlier thoughts. I need the tool "
+                                   f"{name} first.")
+            text = []
+            calls = [(f"call_{uuid.uuid4().hex[:24]}", str(name or "tool"), '{"city": "Paris"}')]
+        produced = len(thought) + len(text) + 4 * len(calls)
+        usage = usage_dict(prompt, produced, reasoning=len(thought)) if include_usage else None
+        return reasoning_chunks(thought, text, calls=calls, usage=usage, **meta)
 
     @staticmethod
     def _echo_text(messages: list[dict[str, Any]]) -> str:
