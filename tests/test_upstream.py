@@ -221,3 +221,116 @@ def test_a_stream_error_chunk_is_read_without_reencoding() -> None:
         "The upstream reported an error: overloaded at [address]"
     assert upstream_module._error_message(chunk) == "overloaded at 10.0.0.7:8000"
     assert upstream_module._error_message(b"<html>") is None
+
+
+# -- errors in the body: split, with status 200, vLLM's bare shape (issue 12, item 10) ------
+
+
+async def test_an_error_body_split_over_several_reads_keeps_its_message(
+        proxy: Proxy, mock: MockUpstream) -> None:
+    body = {"error": {"message": "Unsupported value: 'logit_bias' is not supported here",
+                      "type": "invalid_request_error", "param": None, "code": None}}
+    raw = json.dumps(body).encode()
+    for stream in (True, False):
+        mock.enqueue(Scenario(status=400, body=raw, content_type="application/json",
+                              split=[7, 40], delay=0.05))
+        status, _, data = await proxy.post({"model": "m", "input": "x", "stream": stream})
+        error = error_of(status, data)
+        assert (status, error["code"]) == (400, "upstream_rejected_request")
+        assert "'logit_bias' is not supported here" in error["message"], error
+
+
+async def test_a_200_json_error_body_keeps_its_message(proxy: Proxy, mock: MockUpstream
+                                                       ) -> None:
+    body = {"error": {"message": "Model is overloaded, retry shortly", "code": "503"}}
+    mock.enqueue(Scenario(body=body), Scenario(body=body))
+    status, _, data = await proxy.post({"model": "m", "input": "x"})
+    error = error_of(status, data)
+    assert (status, error["code"]) == (502, "upstream_error")
+    assert "Model is overloaded, retry shortly" in error["message"]
+    events, _ = await proxy.stream({"model": "m", "input": "x"})
+    assert events[-2]["error"]["code"] == "upstream_error"
+    assert "Model is overloaded" in events[-2]["error"]["message"]
+
+
+VLLM_ERROR = {"object": "error", "message": "Sampling failed: NaN in logits", "type":
+              "InternalServerError", "param": None, "code": 500}
+
+
+async def test_a_bare_vllm_error_chunk_mid_stream_fails_the_response(
+        proxy: Proxy, mock: MockUpstream) -> None:
+    head = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "par"}}]}
+    raw = (b"data: " + json.dumps(head).encode() + b"\n\n"
+           + b"data: " + json.dumps(VLLM_ERROR).encode() + b"\n\ndata: [DONE]\n\n")
+    mock.enqueue(Scenario(raw=raw), Scenario(raw=raw))
+    events, _ = await proxy.stream({"model": "m", "input": "x"})
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-2]["error"]["code"] == "upstream_error"
+    assert "NaN in logits" in events[-2]["error"]["message"]
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "par"
+    status, _, data = await proxy.post({"model": "m", "input": "x"})
+    assert (status, error_of(status, data)["code"]) == (502, "upstream_error")
+
+
+# -- context overflow and exception names (item 12) ---------------------------------------
+
+CONTEXT_ERRORS = {
+    "llama.cpp": {"error": {"code": 400, "message": "the request exceeds the available context "
+                            "size, try increasing it", "type": "exceed_context_size_error",
+                            "n_prompt_tokens": 5000, "n_ctx": 4096}},
+    "litellm": {"error": {"message": "litellm.ContextWindowExceededError: litellm."
+                          "BadRequestError: OpenAIException - Input is too long for requested "
+                          "model.", "type": None, "param": None, "code": "400"}},
+    "openai": {"error": {"message": "Your messages resulted in 130000 tokens. Please reduce "
+                         "the length of the messages.", "type": "invalid_request_error",
+                         "param": "messages", "code": "context_length_exceeded"}},
+    "vllm": {"object": "error", "message": "This model's maximum context length is 4096 "
+             "tokens. However, you requested 5000 tokens.", "type": "BadRequestError",
+             "param": None, "code": 400},
+}
+
+
+@pytest.mark.parametrize("server", list(CONTEXT_ERRORS))
+@pytest.mark.parametrize("stream", [True, False])
+async def test_context_overflow_is_context_length_exceeded(
+        proxy: Proxy, mock: MockUpstream, server: str, stream: bool) -> None:
+    mock.enqueue(Scenario(status=400, body=CONTEXT_ERRORS[server]))
+    status, _, data = await proxy.post({"model": "m", "input": "x", "stream": stream})
+    error = error_of(status, data)
+    assert (status, error["type"], error["code"], error["param"]) == (
+        400, "invalid_request_error", "context_length_exceeded", "input")
+
+
+async def test_context_overflow_mid_stream_is_context_length_exceeded(
+        proxy: Proxy, mock: MockUpstream) -> None:
+    # llama.cpp reports errors inside the stream as a `data: {"error": ...}` chunk.
+    raw = b"data: " + json.dumps(CONTEXT_ERRORS["llama.cpp"]).encode() + b"\n\n"
+    mock.enqueue(Scenario(raw=raw), Scenario(raw=raw))
+    events, _ = await proxy.stream({"model": "m", "input": "x"})
+    assert events[-2]["error"]["code"] == "context_length_exceeded"
+    assert events[-2]["error"]["type"] == "invalid_request_error"
+    status, _, data = await proxy.post({"model": "m", "input": "x"})
+    error = error_of(status, data)
+    assert (status, error["type"], error["code"]) == (400, "invalid_request_error",
+                                                      "context_length_exceeded")
+
+
+def test_exception_names_survive_scrubbing_hosts_do_not() -> None:
+    scrub = Scrubber()
+    message = ("litellm.RateLimitError: RateLimitError: OpenAIException - quota at "
+               "gpu-7.cluster.internal:8000 and api.internal.corp; litellm.Timeout; "
+               "openai.APIConnectionError; torch.OutOfMemoryError")
+    assert scrub(message) == (
+        "litellm.RateLimitError: RateLimitError: OpenAIException - quota at [host] and "
+        "[host]; litellm.Timeout; openai.APIConnectionError; torch.OutOfMemoryError")
+    # Capitalised domains are still domains.
+    assert scrub("at GPU-7.Cluster.Internal and my.Service") == "at [host] and [host]"
+
+
+async def test_litellm_error_names_reach_the_client(proxy: Proxy, mock: MockUpstream) -> None:
+    body = {"error": {"message": "litellm.RateLimitError: quota exceeded on deployment",
+                      "type": None, "param": None, "code": "429"}}
+    mock.enqueue(Scenario(status=429, body=body))
+    status, _, data = await proxy.post({"model": "m", "input": "x"})
+    error = error_of(status, data)
+    assert status == 429 and "litellm.RateLimitError: quota exceeded" in error["message"]

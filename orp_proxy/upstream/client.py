@@ -64,14 +64,50 @@ class UpstreamStreamError(Exception):
         self.message = message
 
 
+def _parsed(body: object) -> object:
+    if isinstance(body, bytes):
+        try:
+            return ujson.loads(body)
+        except ValueError:
+            return None
+    return body
+
+
+def is_error_document(document: Any) -> bool:
+    """An OpenAI-style `{"error": ...}` or vLLM's bare `{"object": "error", ...}`."""
+    return isinstance(document, dict) and bool(
+        document.get("error") or document.get("object") == "error")
+
+
+# How servers say "the input does not fit the model's context": OpenAI's code, llama.cpp's type,
+# LiteLLM's exception name, and the sentence OpenAI and vLLM both write.
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+_CONTEXT_WORDS = ("ContextWindowExceededError", "maximum context length",
+                  "exceeds the available context size", "context_length_exceeded")
+
+
+def _context_overflow(body: object) -> bool:
+    body = _parsed(body)
+    if not isinstance(body, dict):
+        return False
+    error = body.get("error")
+    fields = error if isinstance(error, dict) else body
+    if any(fields.get(key) in _CONTEXT_CODES for key in ("code", "type")):
+        return True
+    message = fields.get("message") if isinstance(error, dict) or error is None else error
+    return isinstance(message, str) and any(w in message[:_SCRUB_LIMIT] for w in _CONTEXT_WORDS)
+
+
+def _context_error(detail: str | None) -> ApiError:
+    suffix = f": {detail}" if detail else ""
+    return ApiError(400, f"The input does not fit the model's context window{suffix}",
+                    type=INVALID_REQUEST, param="input", code="context_length_exceeded")
+
+
 def _error_message(body: object, scrub: Scrub | None = None) -> str | None:
     """The `error.message` of an OpenAI-style error body (raw bytes, or already parsed), if it
     is one; never raw HTML. `scrub` (if given) removes what clients must not see."""
-    if isinstance(body, bytes):
-        try:
-            body = ujson.loads(body)
-        except ValueError:
-            return None
+    body = _parsed(body)
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         message = error.get("message")
@@ -93,8 +129,11 @@ def _error_message(body: object, scrub: Scrub | None = None) -> str | None:
 
 def status_error(status: int, raw: bytes, headers: Any, scrub: Scrub | None = None) -> ApiError:
     """The client-facing error for an upstream HTTP error status."""
-    detail = _error_message(raw, scrub)
+    body = _parsed(raw)
+    detail = _error_message(body, scrub)
     suffix = f": {detail}" if detail else ""
+    if status in (400, 413, 422) and _context_overflow(body):
+        return _context_error(detail)
     if status == 429:
         retry = {"Retry-After": headers["Retry-After"]} if "Retry-After" in headers else None
         return ApiError(429, f"The upstream model server is rate limiting requests{suffix}",
@@ -178,7 +217,10 @@ class UpstreamStream:
     async def batches(self) -> AsyncIterator[list[Any]]:
         """Per network read, the chunks it completed (possibly none). Stops at `[DONE]`."""
         if self._json:
-            yield [completion_as_chunk(await self._read_json())]
+            document = await self._read_json()
+            if is_error_document(document):  # an error, though the status said 200
+                raise stream_failure(document, self._scrub)
+            yield [completion_as_chunk(document)]
             self.saw_done = True
             return
         lines = self._lines
@@ -193,9 +235,9 @@ class UpstreamStream:
                             self.saw_done = True
                             break
                         chunk = loads(payload)
-                        if isinstance(chunk, dict) and chunk.get("error"):
-                            raise UpstreamStreamError("upstream_error",
-                                                      _stream_error(chunk, self._scrub))
+                        if isinstance(chunk, dict) and (chunk.get("error")
+                                                        or chunk.get("object") == "error"):
+                            raise stream_failure(chunk, self._scrub)
                         batch.append(chunk)
                 except (ValueError, UpstreamStreamError):
                     if batch:
@@ -285,6 +327,23 @@ class UpstreamStream:
             self.response.close()
 
 
+async def _read_error_body(response: aiohttp.ClientResponse) -> bytes:
+    """An error body, up to `_ERROR_BODY_LIMIT` (`read(n)` returns what one read brought: a
+    body split over several reads would lose its end, and the message with it)."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while size < _ERROR_BODY_LIMIT:
+            data = await response.content.read(_ERROR_BODY_LIMIT - size)
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+    except (TimeoutError, aiohttp.ClientError):
+        pass  # what arrived may still hold the message
+    return b"".join(parts)
+
+
 async def _drain_then_release(response: aiohttp.ClientResponse) -> None:
     """Read what is left of a body after `[DONE]`, then pool the connection; close it if the
     rest is too long, too slow or broken."""
@@ -309,6 +368,14 @@ def _stream_error(chunk: dict[str, Any], scrub: Scrub | None) -> str:
     message = _error_message(chunk, scrub)
     return f"The upstream reported an error: {message}" if message else (
         "The upstream reported an error")
+
+
+def stream_failure(document: dict[str, Any], scrub: Scrub | None) -> UpstreamStreamError:
+    """The failure for an error the upstream sent in its body (a chunk, or a JSON answer)."""
+    if _context_overflow(document):
+        error = _context_error(_error_message(document, scrub))
+        return UpstreamStreamError(error.code or "", error.message)
+    return UpstreamStreamError("upstream_error", _stream_error(document, scrub))
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -458,9 +525,7 @@ class UpstreamClient:
                            type=SERVER_ERROR, code="upstream_unavailable") from None
         if response.status != 200:
             try:
-                raw = await response.content.read(_ERROR_BODY_LIMIT)
-            except (TimeoutError, aiohttp.ClientError):
-                raw = b""
+                raw = await _read_error_body(response)
             finally:
                 response.close()
             if client_key and response.status in (401, 403):

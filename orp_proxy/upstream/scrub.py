@@ -26,6 +26,17 @@ _IPV6 = re.compile(r"\[[0-9a-fA-F:.]*:[0-9a-fA-F:.]*\](?::\d{1,5})?"
 _DOTTED_HOST = re.compile(r"\b(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?\.)+"
                           r"[a-zA-Z][a-zA-Z0-9-]*[a-zA-Z0-9]\b(?::\d{1,5})?")
 _HOST_PORT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9-]*:\d{2,5}\b")
+# A last label that names a Python class, not a domain: `litellm.RateLimitError`,
+# `openai.APIError`, `litellm.Timeout` (CamelCase, or an exception's usual ending).
+_CLASS_LABEL = re.compile(r"[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*[A-Z][A-Za-z0-9]*"
+                          r"|(?:[A-Z][A-Za-z0-9]*)?(?:Error|Exception|Warning|Timeout)")
+
+
+def _host_or_name(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if ":" not in text and _CLASS_LABEL.fullmatch(text.rsplit(".", 1)[1]):
+        return text  # an exception's dotted name, which the client may need to see
+    return "[host]"
 
 
 class Scrubber:
@@ -45,6 +56,6 @@ class Scrubber:
         text = _KEY_LIKE.sub("[redacted]", text)
         text = _IPV4.sub("[address]", text)
         text = _IPV6.sub("[address]", text)
-        text = _DOTTED_HOST.sub("[host]", text)
+        text = _DOTTED_HOST.sub(_host_or_name, text)
         text = _HOST_PORT.sub("[host]", text)
         return _LONG_TOKEN.sub("[redacted]", text)
