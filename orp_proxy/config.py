@@ -72,6 +72,23 @@ def _choice_ci(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+# Chat Completions request fields that ORP fills from the Responses request when it has them.
+FORWARDABLE_FIELDS = ("prompt_cache_key", "safety_identifier", "user", "verbosity",
+                      "service_tier")
+
+
+def _field_set(raw: str) -> frozenset[str]:
+    """A comma-separated subset of FORWARDABLE_FIELDS ('' or 'none': the empty set)."""
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    if names == ["none"]:
+        return frozenset()
+    unknown = [name for name in names if name not in FORWARDABLE_FIELDS]
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}; expected some of "
+                         f"{', '.join(FORWARDABLE_FIELDS)} or 'none'")
+    return frozenset(names)
+
+
 def _optional_str(raw: str) -> str | None:
     return raw or None
 
@@ -204,6 +221,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_tokens_field", "ORP_MAX_TOKENS_FIELD",
             _choice("max_tokens", "max_completion_tokens"),
             "Upstream field that carries max_output_tokens.", metavar="FIELD"),
+    Setting("forward_fields", "ORP_UPSTREAM_FORWARD", _field_set,
+            "Optional Chat Completions fields sent upstream when the request sets them "
+            "(comma-separated: prompt_cache_key, safety_identifier, user, verbosity, "
+            "service_tier; 'none' for none). Servers that refuse unknown fields need fewer.",
+            metavar="FIELDS"),
     Setting("reasoning_events", "ORP_REASONING_EVENTS", _choice("auto", "spec", "openai"),
             "Names of raw-reasoning stream events: 'spec' (response.reasoning.delta), 'openai' "
             "(response.reasoning_text.delta) or 'auto' (OpenAI's names for clients known to "
@@ -307,6 +329,7 @@ class Settings:
     pool_limit: int = 1000
     developer_role: str = "system"
     max_tokens_field: str = "max_tokens"
+    forward_fields: frozenset[str] = frozenset(FORWARDABLE_FIELDS)
     reasoning_events: str = "auto"
     upstream_reasoning_field: str = "both"
     thinking_kwarg: str | None = None

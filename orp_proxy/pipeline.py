@@ -72,6 +72,12 @@ def _model(gateway: Gateway, body: dict[str, Any]) -> str:
     return str(model)
 
 
+def is_prewarm(body: dict[str, Any]) -> bool:
+    """`prompt_cache_options.prewarm: true` asks for a warm-up instead of an answer."""
+    options = body.get("prompt_cache_options")
+    return isinstance(options, dict) and options.get("prewarm") is True
+
+
 @dataclass
 class WarmUp:
     """A `generate: false` response: completed at once with no output, continuable."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orp_proxy.config import Settings
+from orp_proxy.config import FORWARDABLE_FIELDS, Settings
 from orp_proxy.protocol.translate import (
     allowed_tool_names,
     build_chat_request,
@@ -226,8 +226,9 @@ def test_full_body_translation() -> None:
                             "schema": {"type": "object"}, "description": "d"}},
         "include": ["message.output_text.logprobs"], "top_logprobs": 3,
         "metadata": {"k": "v"}, "store": False, "truncation": "auto",
-        "safety_identifier": "u1", "prompt_cache_key": "p",
+        "safety_identifier": "u1", "prompt_cache_key": "p", "user": "u", "service_tier": "flex",
     }
+    body["text"]["verbosity"] = "low"
     assert chat(body) == {
         "model": "up-model",
         "messages": [{"role": "user", "content": "x"}],
@@ -249,7 +250,30 @@ def test_full_body_translation() -> None:
         "reasoning_effort": "high",
         "temperature": 0.2, "top_p": 0.9, "presence_penalty": 0.1, "frequency_penalty": -0.1,
         "logprobs": True, "top_logprobs": 3,
+        "safety_identifier": "u1", "prompt_cache_key": "p", "user": "u", "service_tier": "flex",
+        "verbosity": "low",
     }
+
+
+def test_forwarded_fields_follow_the_setting() -> None:
+    body = {"prompt_cache_key": "p", "safety_identifier": "s", "user": "u",
+            "service_tier": "auto", "text": {"verbosity": "high"}}
+    sent = chat(body)
+    assert {k: sent[k] for k in FORWARDABLE_FIELDS} == {
+        "prompt_cache_key": "p", "safety_identifier": "s", "user": "u",
+        "service_tier": "auto", "verbosity": "high"}
+    only = chat(body, Settings(forward_fields=frozenset({"user"})))
+    assert only["user"] == "u" and not (set(FORWARDABLE_FIELDS) - {"user"}) & set(only)
+    # Nulls mean absent.
+    nulls = chat({k: None for k in body} | {"text": {"verbosity": None}})
+    assert not set(FORWARDABLE_FIELDS) & set(nulls)
+
+
+def test_image_detail_original_goes_upstream_as_high() -> None:
+    messages = to_chat_messages(normalize_input([{"role": "user", "content": [
+        {"type": "input_image", "image_url": "https://x/i.png", "detail": "original"}]}]),
+        instructions=None, developer_role="system")
+    assert messages[0]["content"][0]["image_url"] == {"url": "https://x/i.png", "detail": "high"}
 
 
 def test_minimal_body_sends_only_what_was_asked() -> None:

@@ -432,9 +432,8 @@ INVALID_TOP_LEVEL = [
     (body(input=True), "input", "invalid_type"),
     # include
     (body(include="reasoning.encrypted_content"), "include", "invalid_type"),
-    (body(include=None), "include", "invalid_type"),
     (
-        body(include=["reasoning.encrypted_content", "file_search_call.results"]),
+        body(include=["reasoning.encrypted_content", "file_search_call.result"]),
         "include[1]",
         "invalid_value",
     ),
@@ -628,7 +627,6 @@ INVALID_TOP_LEVEL = [
         "invalid_value",
     ),
     (body(text={"verbosity": "loud"}), "text.verbosity", "invalid_value"),
-    (body(text={"verbosity": None}), "text.verbosity", "invalid_type"),
     # numbers
     (body(temperature="1"), "temperature", "invalid_type"),
     (body(temperature=True), "temperature", "invalid_type"),
@@ -660,12 +658,9 @@ INVALID_TOP_LEVEL = [
     # booleans
     (body(parallel_tool_calls=1), "parallel_tool_calls", "invalid_type"),
     (body(parallel_tool_calls="true"), "parallel_tool_calls", "invalid_type"),
-    (body(stream=None), "stream", "invalid_type"),
     (body(stream=1), "stream", "invalid_type"),
     (body(stream=0), "stream", "invalid_type"),
     (body(background="yes"), "background", "invalid_type"),
-    (body(background=None), "background", "invalid_type"),
-    (body(store=None), "store", "invalid_type"),
     (body(store=0), "store", "invalid_type"),
     # stream_options
     (body(stream_options={"include_obfuscation": True}), "stream_options", "invalid_value"),
@@ -686,20 +681,18 @@ INVALID_TOP_LEVEL = [
     (body(reasoning={"effort": "extreme"}), "reasoning.effort", "invalid_value"),
     (body(reasoning={"effort": 3}), "reasoning.effort", "invalid_type"),
     (body(reasoning={"summary": "short"}), "reasoning.summary", "invalid_value"),
-    (
-        body(reasoning={"generate_summary": "auto"}),
-        "reasoning.generate_summary",
-        "unknown_parameter",
-    ),
+    (body(reasoning={"generate_summary": "short"}), "reasoning.generate_summary",
+     "invalid_value"),
+    (body(reasoning={"mode": "pro"}), "reasoning.mode", "unsupported_parameter"),
+    (body(reasoning={"context": "all"}), "reasoning.context", "invalid_value"),
     # short strings and enums
-    (body(safety_identifier="s" * 65), "safety_identifier", "string_above_max_length"),
+    (body(safety_identifier="s" * 129), "safety_identifier", "string_above_max_length"),
     (body(safety_identifier=1), "safety_identifier", "invalid_type"),
     (body(prompt_cache_key="p" * 65), "prompt_cache_key", "string_above_max_length"),
     (body(instructions=1), "instructions", "invalid_type"),
     (body(instructions=["a"]), "instructions", "invalid_type"),
     (body(truncation="none"), "truncation", "invalid_value"),
-    (body(truncation=None), "truncation", "invalid_type"),
-    (body(service_tier="scale"), "service_tier", "invalid_value"),
+    (body(service_tier="slow"), "service_tier", "invalid_value"),
     (body(service_tier=1), "service_tier", "invalid_type"),
 ]
 
@@ -748,7 +741,7 @@ INVALID_ITEMS = [
     ([{**user("x"), "name": "bob"}], "input[0].name", "unknown_parameter"),
     ([{**user("x"), "status": "done"}], "input[0].status", "invalid_value"),
     ([{**user("x"), "id": 1}], "input[0].id", "invalid_type"),
-    ([{**user("x"), "phase": "commentary"}], "input[0].phase", "unknown_parameter"),
+    ([{**user("x"), "phase": "later"}], "input[0].phase", "invalid_value"),
     ([assistant("x", phase="draft")], "input[0].phase", "invalid_value"),
     ([user([1])], "input[0].content[0]", "invalid_type"),
     ([user(["text"])], "input[0].content[0]", "invalid_type"),
@@ -796,7 +789,12 @@ INVALID_ITEMS = [
     ([user([part("input_image", image_url=1)])], "input[0].content[0].image_url", "invalid_type"),
     ([user([{**IMAGE, "detail": "ultra"}])], "input[0].content[0].detail", "invalid_value"),
     ([user([{**IMAGE, "detail": 1}])], "input[0].content[0].detail", "invalid_type"),
-    ([user([{**IMAGE, "file_id": "file_1"}])], "input[0].content[0].file_id", "unknown_parameter"),
+    ([user([{**IMAGE, "file_id": "file_1"}])], "input[0].content[0].file_id",
+     "unsupported_parameter"),
+    ([user([{"type": "input_file", "file_id": "file_1"}])], "input[0].content[0].file_id",
+     "unsupported_parameter"),
+    ([user([{**IMAGE, "prompt_cache_breakpoint": {"mode": "implicit"}}])],
+     "input[0].content[0].prompt_cache_breakpoint.mode", "invalid_value"),
     # input_file
     ([user([part("input_file")])], "input[0].content[0].file_data", "missing_required_parameter"),
     (
@@ -1243,7 +1241,7 @@ def test_websocket_valid() -> None:
     assert expect_error(body(generate=False)).param == "generate"
     assert expect_error(body(stream_id="x")).param == "stream_id"
     # Over HTTP the same fields are fine and `type` is not.
-    http = body(stream=True, stream_options={"include_obfuscation": True}, background=True)
+    http = body(stream=True, stream_options={"include_obfuscation": True}, background=False)
     assert validate_create_body(http) is http
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from orp_proxy.errors import NOT_FOUND, ApiError, invalid
 from orp_proxy.http.request import credential, json_response, read_json_body, request_id
-from orp_proxy.http.sse import stream_events
+from orp_proxy.http.sse import SSETransport, stream_events
 from orp_proxy.ops.access import attach_exchange
 from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
-from orp_proxy.pipeline import load_history, start_exchange
+from orp_proxy.pipeline import is_prewarm, load_history, start_exchange, warm_up
 from orp_proxy.protocol.translate import with_status
 from orp_proxy.protocol.validation import validate_create_body
 from orp_proxy.state import GATEWAY
@@ -21,12 +23,11 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     body = await read_json_body(request, gateway.settings.max_body_bytes)
     validate_create_body(body, limits=gateway.limits)
-    if body.get("background"):  # valid per spec, but not something this gateway does
-        raise invalid("Background responses are not supported by this gateway.", "background",
-                      "unsupported_parameter")
     owner = gateway.store.owner_id(credential(request))
     rid = request_id(request)
     history = await load_history(gateway, owner, body.get("previous_response_id"))
+    if is_prewarm(body):
+        return await _prewarm(request, body, owner, history, {"X-Request-Id": rid})
     exchange = await start_exchange(gateway, body, owner=owner, history=history, request_id=rid,
                                     authorization=request.get(UPSTREAM_AUTHORIZATION),
                                     client_headers=request.headers)
@@ -35,6 +36,25 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     if body.get("stream"):
         return await stream_events(exchange, request, headers)
     return json_response(await exchange.collect(), headers=headers)
+
+
+async def _prewarm(request: web.Request, body: dict[str, Any], owner: str,
+                   history: list[dict[str, Any]], headers: dict[str, str]
+                   ) -> web.StreamResponse:
+    """`prompt_cache_options.prewarm: true`: the warm-up of WebSocket `generate: false` over
+    HTTP (completed at once, no output, no upstream call, continuable)."""
+    warm = await warm_up(request.app[GATEWAY], body, owner=owner, history=history)
+    if not body.get("stream"):
+        return json_response(warm.response, headers=headers)
+    transport = SSETransport(request, headers)
+    try:
+        await transport.send(warm.events[:-1])
+        await transport.finish(warm.events[-1:])
+    except ConnectionError:
+        pass  # nobody is left to answer; the warm-up is stored already
+    finally:
+        transport.close()
+    return transport.resp
 
 
 # -- stored responses ---------------------------------------------------------------------

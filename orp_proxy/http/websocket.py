@@ -40,7 +40,7 @@ from orp_proxy.exchange import ClientGone
 from orp_proxy.http.request import credential, request_id
 from orp_proxy.ops.access import CLIENT_CLOSED, AccessRecord, write_access_line
 from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
-from orp_proxy.pipeline import load_history, start_exchange, warm_up
+from orp_proxy.pipeline import is_prewarm, load_history, start_exchange, warm_up
 from orp_proxy.protocol.sse import json_bytes
 from orp_proxy.protocol.transcoder import Event
 from orp_proxy.protocol.validation import validate_create_body
@@ -243,7 +243,7 @@ class _Connection:
             if isinstance(message, dict) and isinstance(message.get("stream_id"), str):
                 stream_id = message["stream_id"]
             body = validate_create_body(message, limits=self.gateway.limits, websocket=True)
-            generate = body.get("generate") is not False
+            generate = body.get("generate") is not False and not is_prewarm(body)
             # Transport fields (validated, honoured here): not part of the response request.
             body = {key: value for key, value in body.items() if key not in _TRANSPORT_FIELDS}
             history, parent_stored = await self._context(previous_id)

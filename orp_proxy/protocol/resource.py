@@ -109,7 +109,8 @@ def build_response(
         "max_tool_calls": body.get("max_tool_calls"),
         "store": body.get("store") is not False,
         "background": False,
-        "service_tier": body.get("service_tier") or "default",
+        # What the upstream reports serving it with (the transcoder sets it), else "default".
+        "service_tier": "default",
         "metadata": body.get("metadata") or {},
         "safety_identifier": body.get("safety_identifier"),
         "prompt_cache_key": body.get("prompt_cache_key"),

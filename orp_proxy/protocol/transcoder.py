@@ -231,6 +231,11 @@ class Transcoder:
                 choice = self._answer_choice(choices)
             if choice is not None:
                 self._choice(choice)
+        tier = chunk.get("service_tier")
+        if type(tier) is str and tier:
+            # The tier that served the request, as the upstream reports it (OpenAI, Azure):
+            # the response echoes this, never simply the tier that was asked for.
+            self.response["service_tier"] = tier
         usage = chunk.get("usage")
         if usage:
             if type(usage) is not dict:

@@ -102,7 +102,8 @@ def _user_part(part: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "input_image":
         image: dict[str, Any] = {"url": part["image_url"]}
         if part.get("detail"):
-            image["detail"] = part["detail"]
+            # "original" (full resolution) is OpenAI's; "high" is the most chat servers know.
+            image["detail"] = "high" if part["detail"] == "original" else part["detail"]
         return {"type": "image_url", "image_url": image}
     if kind == "input_file":
         file = {k: part[k] for k in ("filename", "file_data", "file_url") if part.get(k)}
@@ -395,6 +396,13 @@ def build_chat_request(
     for name in _PASSTHROUGH:
         if body.get(name) is not None:
             chat[name] = body[name]
+    forward = settings.forward_fields
+    for name in ("prompt_cache_key", "safety_identifier", "user", "service_tier"):
+        if name in forward and body.get(name) is not None:
+            chat[name] = body[name]
+    text = body.get("text")
+    if "verbosity" in forward and isinstance(text, dict) and text.get("verbosity") is not None:
+        chat["verbosity"] = text["verbosity"]
     if "message.output_text.logprobs" in (body.get("include") or ()):
         chat["logprobs"] = True
         if body.get("top_logprobs"):

@@ -126,6 +126,10 @@ def _too_long(path: str, limit: int, length: int, what: str = "string") -> ApiEr
     )
 
 
+def _unsupported(path: str, why: str) -> ApiError:
+    return invalid(f"Unsupported parameter: '{path}'. {why}", path, "unsupported_parameter")
+
+
 def _empty_string(path: str) -> ApiError:
     return invalid(
         f"Invalid '{path}': empty string. Expected a string with minimum length 1, "
@@ -343,6 +347,30 @@ def _check_length(value: list[Any], path: str, min_items: int, max_items: int | 
         )
 
 
+def _refused(why: str) -> _Check:
+    """A field ORP cannot honour and must not ignore: only null (= absent) passes."""
+
+    def check(value: Any, parent: str, key: str) -> None:
+        if value is not None:
+            raise _unsupported(_join(parent, key), why)
+
+    return check
+
+
+def _only(check: _Check, accepted: frozenset[Any], why: str) -> _Check:
+    """`check` (the field's shape), then refuse the valid values outside `accepted`."""
+
+    def wrapped(value: Any, parent: str, key: str) -> None:
+        check(value, parent, key)
+        if value is not None and value not in accepted:
+            path = _join(parent, key)
+            shown = _show(value) if isinstance(value, str) else repr(value)
+            raise invalid(f"Unsupported value for '{path}': {shown}. {why}", path,
+                          "unsupported_parameter")
+
+    return wrapped
+
+
 def _object_of(shape: _Shape, *, nullable: bool = False) -> _Check:
     def check(value: Any, parent: str, key: str) -> None:
         if value is None and nullable:
@@ -453,11 +481,21 @@ _URL_CITATION = _Shape(
     ("start_index", "end_index", "url", "title"),
 )
 
+_NO_FILES_API = _refused(
+    "File ids need OpenAI's Files API, which this gateway does not provide; send the content "
+    "inline ('image_url' / 'file_data') or by URL instead.")
+# A hint for OpenAI's prompt cache: no effect here (backends cache prefixes themselves).
+_CACHE_BREAKPOINT = _object_of(
+    _Shape({"mode": _enum("explicit"), "ttl": _enum("30m", "12h")}, ("mode",)), nullable=True)
+
 _INPUT_IMAGE = _Shape(
     {
         "type": _skip,
         "image_url": _string(nullable=True, max_len=_MAX_IMAGE_URL_LENGTH),
-        "detail": _enum("low", "high", "auto", nullable=True),
+        # "original" goes upstream as "high", the most a Chat Completions server knows.
+        "detail": _enum("low", "high", "auto", "original", nullable=True),
+        "file_id": _NO_FILES_API,
+        "prompt_cache_breakpoint": _CACHE_BREAKPOINT,
     },
     after=_image_url_required,
 )
@@ -468,6 +506,10 @@ _INPUT_FILE = _Shape(
         "filename": _OPT_STRING,
         "file_data": _string(nullable=True, max_len=_MAX_FILE_DATA_LENGTH),
         "file_url": _OPT_STRING,
+        # How finely OpenAI renders a file; Chat Completions has no such knob.
+        "detail": _enum("auto", "low", "high", nullable=True),
+        "file_id": _NO_FILES_API,
+        "prompt_cache_breakpoint": _CACHE_BREAKPOINT,
     },
     after=_file_source_required,
 )
@@ -497,13 +539,91 @@ def _tool_choice(value: Any, parent: str, key: str) -> None:
         _dispatch(value, _join(parent, key), _TOOL_CHOICE_SHAPES)
 
 
+_SUMMARY = _enum("concise", "detailed", "auto", nullable=True)
 _REASONING_PARAM = _Shape(
     {
-        "effort": _enum("none", "minimal", "low", "medium", "high", "xhigh", nullable=True),
-        "summary": _enum("concise", "detailed", "auto", nullable=True),
+        "effort": _enum("none", "minimal", "low", "medium", "high", "xhigh", "max",
+                        nullable=True),
+        "summary": _SUMMARY,
+        "generate_summary": _SUMMARY,  # the deprecated name of `summary`
+        # Which turns' reasoning the model sees: ORP replays what the client sends back.
+        "context": _enum("auto", "current_turn", "all_turns", nullable=True),
+        "mode": _only(_string(nullable=True), frozenset({"standard"}),
+                      "Only the 'standard' reasoning mode exists behind this gateway."),
     }
 )
 _STREAM_OPTIONS = _Shape({"include_obfuscation": _boolean()})
+_PROMPT_CACHE_OPTIONS = _Shape(
+    {
+        "mode": _enum("implicit", "explicit"),
+        "ttl": _enum("30m", "12h"),
+        "prewarm": _boolean(),
+        "comparison_response_id": _string(nullable=True),
+    }
+)
+_BACKGROUND_OPTIONS = _Shape(
+    {
+        "completion_window": _only(
+            _enum("soonest", "2h", "8h"), frozenset({"soonest"}),
+            "Background responses are not supported by this gateway."),
+        "continuation_id": _refused("Background responses are not supported by this gateway."),
+    }
+)
+_IMAGE_OPTIONS = _Shape(
+    {
+        "context_compression": _only(
+            _enum("auto", "enabled", "disabled"), frozenset({"auto", "disabled"}),
+            "This gateway does not compress images in the context."),
+    }
+)
+_ACCESS_PROGRAMS = _Shape(
+    {
+        "cyber": _only(_enum("standard", "daybreak_blue", "daybreak_red"),
+                       frozenset({"standard"}),
+                       "Access programs are OpenAI's; this gateway serves 'standard' only."),
+    }
+)
+_MULTI_AGENT = _Shape(
+    {
+        "enabled": _only(_boolean(), frozenset({False}),
+                         "Hosted multi-agent runs are not available behind this gateway."),
+        "max_concurrent_subagents": _integer(minimum=1),
+    },
+    ("enabled",),
+)
+_CONTEXT_MANAGEMENT_ENTRY = _Shape(
+    {"type": _STRING, "compact_threshold": _integer(minimum=1)}, ("type",)
+)
+_INCLUDABLE = (
+    "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+    # Outputs of hosted tools, which never run here: nothing to include.
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+)
+_SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority", "fast", "ultrafast")
+
+
+def _context_entry(value: Any, path: str) -> None:
+    _CONTEXT_MANAGEMENT_ENTRY.check(value, path)
+
+
+_CONTEXT_ENTRIES = _array(_context_entry, nullable=True)
+
+
+def _context_management(value: Any, parent: str, key: str) -> None:
+    """Null and [] mean none. Compaction by threshold is not automatic here: ignoring it would
+    let the context grow into the model's limit unannounced."""
+    _CONTEXT_ENTRIES(value, parent, key)
+    if value:
+        raise _unsupported(
+            f"{_join(parent, key)}[0]",
+            "This gateway does not compact automatically; call POST /v1/responses/compact "
+            "and continue from its output instead.")
 
 _ROLES: Final = ("user", "assistant", "system", "developer")
 _ITEM_TYPES: Final = (
@@ -566,7 +686,9 @@ class _Validator:
         self.limits = limits
         text = _string(max_len=limits.max_string_length)
 
-        input_text = _Shape({"type": _skip, "text": text}, ("text",))
+        input_text = _Shape(
+            {"type": _skip, "text": text, "prompt_cache_breakpoint": _CACHE_BREAKPOINT},
+            ("text",))
         output_text = _Shape(
             {
                 "type": _skip,
@@ -587,7 +709,7 @@ class _Validator:
         assistant_parts = {"output_text": output_text, "refusal": refusal}
         tool_output_parts = {**user_parts, "input_video": _INPUT_VIDEO}
 
-        def message(parts: Mapping[str, _Shape], *, assistant: bool = False) -> _Shape:
+        def message(parts: Mapping[str, _Shape]) -> _Shape:
             fields: dict[str, _Check] = {
                 "id": _OPT_STRING,
                 "type": _skip,
@@ -595,14 +717,14 @@ class _Validator:
                 "content": self._text_or_parts(parts),
                 "status": _STATUS,
             }
-            if assistant:
-                # Nullable (unlike the spec) so that SDK-serialised output round-trips.
-                fields["phase"] = _enum("commentary", "final_answer", nullable=True)
+            # Nullable (unlike the spec) so that SDK-serialised output round-trips; the SDK's
+            # easy input message allows it on every role. A label only: no effect upstream.
+            fields["phase"] = _enum("commentary", "final_answer", nullable=True)
             return _Shape(fields, ("content",))
 
         self.messages: dict[str, _Shape] = {
             "user": message(user_parts),
-            "assistant": message(assistant_parts, assistant=True),
+            "assistant": message(assistant_parts),
             "system": message(instruction_parts),
             "developer": message(instruction_parts),
         }
@@ -691,7 +813,7 @@ class _Validator:
         text_param = _Shape(
             {
                 "format": self._element_as_field(_union_of(text_formats, nullable=True)),
-                "verbosity": _enum("low", "medium", "high"),
+                "verbosity": _enum("low", "medium", "high", nullable=True),
             }
         )
 
@@ -699,11 +821,7 @@ class _Validator:
             "model": _string(nullable=True, non_empty=True),
             "input": self._input,
             "previous_response_id": _string(nullable=True, non_empty=True),
-            "include": _array(
-                self._element_as_item(
-                    _enum("reasoning.encrypted_content", "message.output_text.logprobs")
-                )
-            ),
+            "include": _array(self._element_as_item(_enum(*_INCLUDABLE)), nullable=True),
             "tools": self._tools,
             "tool_choice": _tool_choice,
             "metadata": self._metadata,
@@ -713,19 +831,34 @@ class _Validator:
             "presence_penalty": _number(minimum=-2, maximum=2),
             "frequency_penalty": _number(minimum=-2, maximum=2),
             "parallel_tool_calls": _boolean(nullable=True),
-            "stream": _boolean(),
+            "stream": _boolean(nullable=True),
             "stream_options": _object_of(_STREAM_OPTIONS, nullable=True),
-            "background": _boolean(),
+            "background": _only(_boolean(nullable=True), frozenset({False}),
+                                "Background responses are not supported by this gateway."),
+            "background_options": _object_of(_BACKGROUND_OPTIONS, nullable=True),
             "max_output_tokens": _integer(minimum=16),
             "max_tool_calls": _integer(minimum=1),
             "reasoning": _object_of(_REASONING_PARAM, nullable=True),
-            "safety_identifier": _SHORT_STRING,
+            # 128 as OpenAI documents it (the spec says 64).
+            "safety_identifier": _string(nullable=True, max_len=128),
             "prompt_cache_key": _SHORT_STRING,
-            "truncation": _enum("auto", "disabled"),
+            "prompt_cache_retention": _enum("in_memory", "24h", nullable=True),
+            "prompt_cache_options": _object_of(_PROMPT_CACHE_OPTIONS, nullable=True),
+            "user": _string(nullable=True, max_len=limits.max_string_length),
+            "truncation": _enum("auto", "disabled", nullable=True),
             "instructions": _OPT_STRING,
-            "store": _boolean(),
-            "service_tier": _enum("auto", "default", "flex", "priority"),
+            "store": _boolean(nullable=True),
+            "service_tier": _enum(*_SERVICE_TIERS, nullable=True),
             "top_logprobs": _integer(minimum=0, maximum=20),
+            "context_management": _context_management,
+            "conversation": _refused(
+                "Conversations live on OpenAI; continue with 'previous_response_id' instead."),
+            "prompt": _refused(
+                "Prompt templates live on OpenAI; send 'instructions' and 'input' instead."),
+            "moderation": _refused("This gateway has no moderation models to apply."),
+            "image": _object_of(_IMAGE_OPTIONS, nullable=True),
+            "access_programs": _object_of(_ACCESS_PROGRAMS, nullable=True),
+            "multi_agent": _object_of(_MULTI_AGENT, nullable=True),
             # Codex's per-request labels (turn, session, window ids): logged by nobody, no effect.
             "client_metadata": self._client_metadata,
         }
