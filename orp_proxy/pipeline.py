@@ -148,7 +148,9 @@ async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
         build_response(body, model=model),
         allowed_tools=allowed_tool_names(body),
         reasoning_events=reasoning_event_style(settings.reasoning_events, client_headers),
-        reasoning_summary=isinstance(reasoning, dict) and reasoning.get("summary") is not None,
+        # `generate_summary` is the deprecated name of `summary`.
+        reasoning_summary=isinstance(reasoning, dict) and (
+            reasoning.get("summary") or reasoning.get("generate_summary")) is not None,
         seal_reasoning=((lambda text: cipher.seal(owner, text, purpose=REASONING))
                         if "reasoning.encrypted_content" in include else None),
         include_logprobs="message.output_text.logprobs" in include,

@@ -358,3 +358,13 @@ async def test_prewarm_over_http_is_a_continuable_warm_up(proxy: Proxy, mock: Mo
     assert status == 200, data
     assert [m["content"] for m in mock.requests[0].body["messages"]] == ["I am Ada.",
                                                                           "Who am I?"]
+
+
+async def test_generate_summary_is_the_old_name_of_summary(proxy: Proxy,
+                                                          mock: MockUpstream) -> None:
+    del mock
+    events, done = await proxy.stream({"model": "mock-reasoning", "input": "hello",
+                                       "reasoning": {"generate_summary": "concise"}})
+    assert done
+    assert "response.reasoning_summary_text.delta" in [e["type"] for e in events]
+    assert events[-1]["response"]["reasoning"]["summary"] == "concise"

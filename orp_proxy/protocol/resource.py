@@ -100,7 +100,8 @@ def build_response(
         "top_logprobs": body.get("top_logprobs") or 0,
         "temperature": _number(body.get("temperature"), 1.0),
         "reasoning": (
-            {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")}
+            {"effort": reasoning.get("effort"),
+             "summary": reasoning.get("summary") or reasoning.get("generate_summary")}
             if isinstance(reasoning, dict)
             else None
         ),
