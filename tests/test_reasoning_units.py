@@ -174,6 +174,8 @@ def test_summary_events_in_order() -> None:
         "response.content_part.done",
         "response.output_item.done",
     ]
+    # The item as added has no summary yet (a list of its own, not the one that fills up).
+    assert events[2]["item"]["summary"] == [] and events[2]["item"]["content"] == []
     added = events[3]
     assert added["summary_index"] == 0 and added["part"] == {"type": "summary_text", "text": ""}
     assert [e["delta"] for e in events[5:7]] == ["Let me ", "think."]

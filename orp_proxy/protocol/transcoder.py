@@ -375,8 +375,12 @@ class Transcoder:
         index = len(self._output)
         self._output.append(item)
         snapshot = dict(item)
+        # Lists of its own: the item's `content` and `summary` fill up before this event is
+        # encoded.
         if "content" in snapshot:
             snapshot["content"] = []
+        if "summary" in snapshot:
+            snapshot["summary"] = []
         self._emit({"type": "response.output_item.added", "output_index": index, "item": snapshot})
         return index
 
