@@ -891,3 +891,77 @@ async def test_close_fails_saves_a_cancelled_saver_left_behind(db_path: str) -> 
     assert all(isinstance(r, RuntimeError) and "closed" in str(r) for r in results), results
     with pytest.raises(RuntimeError, match="closed"):
         await store.save_response(record("resp_late", OWNER))
+
+
+# -- under pressure: a full database, a writer holding the lock --------------------------------
+
+
+async def test_a_save_that_fills_the_database_fails_alone_and_says_why(
+        store: SQLiteStore, caplog: pytest.LogCaptureFixture) -> None:
+    """SQLITE_FULL (here from `max_page_count`) rolls the whole transaction back: the other
+    saves of the batch are still written, and the log names the cause."""
+    (pages,) = (await store._db.execute_fetchall("PRAGMA page_count"))[0]
+    await store._db.execute_fetchall(f"PRAGMA max_page_count = {pages + 40}")
+    small = [record(f"resp_{i}", OWNER) for i in range(20)]
+    huge = record("resp_huge", OWNER, outputs=[assistant("x" * 2_000_000, "out_huge")])
+    results = await asyncio.gather(*(store.save_response(r) for r in small[:10]),
+                                   store.save_response(huge),
+                                   *(store.save_response(r) for r in small[10:]),
+                                   return_exceptions=True)
+    assert isinstance(results[10], sqlite3.OperationalError), results[10]
+    assert "full" in str(results[10])
+    assert [r for i, r in enumerate(results) if i != 10] == [None] * 20
+    for rec in small:
+        assert await store.get_response(OWNER, rec.id) is not None
+    assert await store.get_response(OWNER, "resp_huge") is None
+    full = [r for r in caplog.records if "full" in r.getMessage() and "resp_huge" in
+            r.getMessage()]
+    assert full and full[0].levelname == "ERROR", [r.getMessage() for r in caplog.records]
+    # Room again: the next save works (no transaction was left open).
+    await store._db.execute_fetchall("PRAGMA max_page_count = 1073741823")
+    await store.save_response(huge)
+    assert await store.get_response(OWNER, "resp_huge") is not None
+
+
+async def test_reads_do_not_wait_behind_a_write_waiting_for_the_lock(
+        store: SQLiteStore, db_path: str) -> None:
+    """Another process's connection holds BEGIN IMMEDIATE; a save of ours waits for it (busy
+    timeout), and meanwhile every read of ours answers from its own connection (WAL)."""
+    import threading
+
+    await store.save_response(record("resp_1", OWNER))
+    await store.save_response(record("resp_2", OWNER, "resp_1"))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:
+        other = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            holding.set()
+            release.wait(3)  # on a store whose reads queue behind the save: let them through
+            other.execute("COMMIT")
+        finally:
+            other.close()
+
+    blocker = threading.Thread(target=hold_the_write_lock)
+    blocker.start()
+    try:
+        await asyncio.to_thread(holding.wait, 10)
+        began = threading.Event()
+        await store._db.set_trace_callback(
+            lambda sql: began.set() if sql.startswith("BEGIN IMMEDIATE") else None)
+        save = asyncio.create_task(store.save_response(record("resp_3", OWNER, "resp_2")))
+        await asyncio.to_thread(began.wait, 10)  # the save is in SQLite's busy wait now
+        found = await store.get_response(OWNER, "resp_2")
+        lineage = await store.load_lineage(OWNER, "resp_2")
+        items = await store.get_items(OWNER, ["in_resp_1"])
+        page = await store.list_input_items(OWNER, "resp_2")
+        assert not save.done(), "the reads waited for the write"
+        assert found is not None and texts(lineage) == [
+            "question of resp_1", "answer of resp_1", "question of resp_2", "answer of resp_2"]
+        assert list(items) == ["in_resp_1"] and page is not None and len(page.data) == 1
+    finally:
+        release.set()
+        await asyncio.to_thread(blocker.join, 10)
+    await save
+    assert await store.get_response(OWNER, "resp_3") is not None

@@ -1,15 +1,20 @@
 """Stored responses: what `previous_response_id`, `GET/DELETE /v1/responses/{id}` and
 `/input_items` read, and what `item_reference` inputs resolve against.
 
-`SQLiteStore` keeps everything in one SQLite file that every gunicorn worker opens with its own
-single aiosqlite connection. Rules that keep several writing processes free of "database is
-locked" and of half-written rows:
+`SQLiteStore` keeps everything in one SQLite file that every gunicorn worker opens with two
+aiosqlite connections of its own: one for writes, one (`query_only`) for reads, which in WAL
+mode never wait for a writer, so a GET does not queue behind a save that waits for another
+process's write lock. Rules that keep several writing processes free of "database is locked"
+and of half-written rows:
 
 * WAL journal, `synchronous=NORMAL`, a `busy_timeout`, and every write transaction opened with
   `BEGIN IMMEDIATE`: a deferred transaction that upgrades from read to write gets `SQLITE_BUSY`
   at once, without waiting for the busy timeout.
-* One asyncio lock per connection serialises all statements of the worker's concurrent requests,
-  so a reader never sees another request's uncommitted half-transaction on the shared connection.
+* One asyncio lock serialises all statements on the write connection, so no statement runs inside
+  another request's transaction; reads never touch that connection, so never see uncommitted data.
+* A save that hits `SQLITE_FULL` (which undoes the whole transaction, not only the statement)
+  does not take its group-commit batch down with it: the batch is written again one save per
+  transaction, and the log names the full disk.
 * Writes run in their own task shielded from the caller's cancellation, so a client that hangs up
   mid-save cannot leave a transaction open or unfinished.
 
@@ -217,8 +222,12 @@ class SQLiteStore:
     shutdown (an open aiosqlite connection keeps the process from exiting).
     """
 
-    def __init__(self, db: aiosqlite.Connection, path: str, owner_key: bytes) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: str, owner_key: bytes,
+                 reader: aiosqlite.Connection | None = None) -> None:
         self._db = db
+        # Reads have a connection of their own: in WAL mode they need no lock, so they must not
+        # queue behind a write of ours that waits for another process's write lock.
+        self._reader = reader
         self._path = path
         self._owner_key = owner_key
         self._lock = asyncio.Lock()
@@ -238,18 +247,7 @@ class SQLiteStore:
         the database, so every worker and every restart derive the same owners.
         """
         check_path(path)
-        # isolation_level=None: the sqlite3 module must not open transactions behind our back;
-        # we issue BEGIN IMMEDIATE / COMMIT ourselves.
-        connecting = aiosqlite.connect(path, isolation_level=None)
-        try:
-            db = await connecting
-        except BaseException as exc:
-            # aiosqlite stops its thread without waiting for it; if the loop closed first,
-            # the thread would print a traceback about the closed loop on the way out.
-            await asyncio.to_thread(connecting._thread.join, 5)
-            if isinstance(exc, sqlite3.Error):
-                raise _open_error(path, exc) from None
-            raise
+        db = await _connect(path)
         try:
             # Before anything else, so that the journal-mode switch and the migration wait
             # for a concurrently starting worker instead of failing.
@@ -268,6 +266,18 @@ class SQLiteStore:
             # (a VACUUM: the whole database) until the last connection closes.
             await db.execute_fetchall("PRAGMA journal_size_limit = 67108864")
             stored_key = await _migrate(db, create_key=owner_secret is None)
+            reader = None
+            if path != ":memory:" and str(rows[0][0]).lower() == "wal":
+                reader = await _connect(path)
+                try:
+                    await reader.execute_fetchall(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                    await reader.execute_fetchall("PRAGMA query_only = ON")
+                    # Load the schema now: a connection that first reads after another process
+                    # shrank the file (VACUUM) and a third wrote got SQLITE_IOERR_SHORT_READ.
+                    await reader.execute_fetchall("SELECT count(*) FROM meta")
+                except BaseException:
+                    await reader.close()
+                    raise
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):  # not a database, locked too long, disk full
@@ -275,7 +285,7 @@ class SQLiteStore:
             raise
         key = owner_secret if owner_secret is not None else stored_key
         assert key is not None
-        return cls(db, path, key)
+        return cls(db, path, key, reader)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -294,8 +304,19 @@ class SQLiteStore:
         return result
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """One read statement: on the reader connection (no lock: it never writes, and each
+        statement sees only committed data), else on the shared one under the lock."""
         if self._closing:
             raise RuntimeError("response store is closed")
+        if self._reader is not None:
+            try:
+                return list(await self._reader.execute_fetchall(sql, params))
+            except sqlite3.DatabaseError as exc:
+                # Not seen since the reader reads the schema when it opens (a connection that
+                # never had, read SQLITE_IOERR_SHORT_READ after another process's VACUUM); the
+                # write connection still answers, as it did before readers had their own.
+                log.warning("SQLite store %s: the read connection failed (%s); reading on "
+                            "the write connection", self._path, exc)
         async with self._lock:
             return await self._fetch(sql, params)
 
@@ -411,11 +432,24 @@ class SQLiteStore:
                     if error is None:
                         pending.done.set_result(None)
                     else:
+                        self._log_save_failure(pending, error)
                         pending.done.set_exception(error)
         finally:
             # No await between the emptiness check and this: a save queued from now on starts
             # a new saver.
             self._saver = None
+
+    def _log_save_failure(self, pending: _PendingSave, error: Exception) -> None:
+        """Name the cause an operator can act on; the caller logs its own view as well."""
+        response_id = pending.params[0]
+        if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            log.error("SQLite store %s is full (the disk, or max_page_count): response %s "
+                      "(%d bytes) was not saved: %s", self._path, response_id,
+                      len(pending.params[-1]) + sum(len(row[-1]) for row in pending.items),
+                      error)
+        else:
+            log.error("SQLite store %s: response %s was not saved: %r", self._path,
+                      response_id, error)
 
     async def load_lineage(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
         """Context for continuing from `response_id`, in spec order, from one query.
@@ -479,31 +513,27 @@ class SQLiteStore:
             raise ValueError("limit must be between 1 and 100")
         if order not in ("asc", "desc"):
             raise ValueError("order must be 'asc' or 'desc'")
-        if self._closing:
-            raise RuntimeError("response store is closed")
-        async with self._lock:
-            found = await self._fetch(
-                _INPUT_CURSORS_SQL, (response_id, owner, after, before, time.time())
-            )
-            if not found:
-                return None
-            rid, after_seq, before_seq = found[0]
-            if (after is not None and after_seq is None) or (
-                before is not None and before_seq is None
-            ):
-                return InputItemsPage(data=[], has_more=False)
-            # Exclusive seq bounds, whichever order the client reads in.
-            low, high = (after_seq, before_seq) if order == "asc" else (before_seq, after_seq)
-            low = -1 if low is None else low
-            high = 1 << 62 if high is None else high
-            # A before-only page is the `limit` items nearest the cursor, read away from it.
-            toward_start = before is not None and after is None
-            ascending = (order == "asc") != toward_start
-            rows = await self._fetch(
-                "SELECT body FROM items WHERE response_rid = ? AND kind = 0 AND seq > ? "
-                f"AND seq < ? ORDER BY seq {'ASC' if ascending else 'DESC'} LIMIT ?",
-                (rid, low, high, limit + 1),
-            )
+        found = await self._read(
+            _INPUT_CURSORS_SQL, (response_id, owner, after, before, time.time()))
+        if not found:
+            return None
+        rid, after_seq, before_seq = found[0]
+        if (after is not None and after_seq is None) or (
+            before is not None and before_seq is None
+        ):
+            return InputItemsPage(data=[], has_more=False)
+        # Exclusive seq bounds, whichever order the client reads in.
+        low, high = (after_seq, before_seq) if order == "asc" else (before_seq, after_seq)
+        low = -1 if low is None else low
+        high = 1 << 62 if high is None else high
+        # A before-only page is the `limit` items nearest the cursor, read away from it.
+        toward_start = before is not None and after is None
+        ascending = (order == "asc") != toward_start
+        rows = await self._read(
+            "SELECT body FROM items WHERE response_rid = ? AND kind = 0 AND seq > ? "
+            f"AND seq < ? ORDER BY seq {'ASC' if ascending else 'DESC'} LIMIT ?",
+            (rid, low, high, limit + 1),
+        )
         has_more = len(rows) > limit
         bodies = [body for (body,) in rows[:limit]]
         if toward_start:
@@ -635,6 +665,8 @@ class SQLiteStore:
         _fail_saves(left, RuntimeError("response store is closed"))
         async with self._lock:
             await self._db.close()
+        if self._reader is not None:
+            await self._reader.close()
 
 
 _SAVE_BATCH = 64
@@ -653,31 +685,73 @@ def _fail_saves(saves: list[_PendingSave], error: BaseException) -> None:
             pending.done.set_exception(error)
 
 
-def _save_batch(batch: list[_PendingSave], conn: sqlite3.Connection) -> list[Exception | None]:
-    """Write a batch of saves in one IMMEDIATE transaction (runs in the connection's thread)."""
+class _TransactionLost(Exception):
+    """SQLite rolled the whole batch transaction back on its own (SQLITE_FULL, an I/O error)."""
+
+
+def _write_one(conn: sqlite3.Connection, pending: _PendingSave) -> None:
+    (rid,) = conn.execute(_UPSERT_RESPONSE_SQL, pending.params).fetchall()[0]
+    conn.execute("DELETE FROM items WHERE response_rid = ?", (rid,)).fetchall()
+    if pending.items:
+        conn.executemany(_INSERT_ITEM_SQL, [(rid, *row) for row in pending.items])
+
+
+def _save_together(batch: list[_PendingSave], conn: sqlite3.Connection
+                   ) -> list[Exception | None]:
+    """The batch in one IMMEDIATE transaction, each record in its own savepoint; raises
+    `_TransactionLost` if SQLite undid the transaction itself (then nothing was written)."""
     errors: list[Exception | None] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
         for pending in batch:
             conn.execute("SAVEPOINT save")
             try:
-                (rid,) = conn.execute(_UPSERT_RESPONSE_SQL, pending.params).fetchall()[0]
-                conn.execute("DELETE FROM items WHERE response_rid = ?", (rid,)).fetchall()
-                if pending.items:
-                    conn.executemany(_INSERT_ITEM_SQL, [(rid, *row) for row in pending.items])
+                _write_one(conn, pending)
             except Exception as exc:
+                if not conn.in_transaction:
+                    raise _TransactionLost() from exc
                 conn.execute("ROLLBACK TO save")
                 errors.append(exc)
             else:
                 errors.append(None)
             conn.execute("RELEASE save")
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # e.g. the WAL cannot grow: which record is unknowable
+            raise _TransactionLost() from exc
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     return errors
 
+
+def _save_alone(pending: _PendingSave, conn: sqlite3.Connection) -> Exception | None:
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _write_one(conn, pending)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _save_batch(batch: list[_PendingSave], conn: sqlite3.Connection) -> list[Exception | None]:
+    """Write a batch of saves (runs in the connection's thread); one error per save or None.
+
+    Normally one transaction. When SQLite undoes all of it (a full disk or `max_page_count`
+    undoes the transaction, not just the statement), each save is written again in its own
+    transaction, so only the saves that do not fit fail.
+    """
+    try:
+        return _save_together(batch, conn)
+    except _TransactionLost:
+        return [_save_alone(pending, conn) for pending in batch]
 
 
 def check_path(path: str) -> None:
@@ -701,6 +775,21 @@ def check_path(path: str) -> None:
         reason = "the file is not an SQLite database"
     if reason is not None:
         raise ConfigError(f"ORP_DB_PATH={path}: {reason}")
+
+
+async def _connect(path: str) -> aiosqlite.Connection:
+    # isolation_level=None: the sqlite3 module must not open transactions behind our back;
+    # we issue BEGIN IMMEDIATE / COMMIT ourselves.
+    connecting = aiosqlite.connect(path, isolation_level=None)
+    try:
+        return await connecting
+    except BaseException as exc:
+        # aiosqlite stops its thread without waiting for it; if the loop closed first,
+        # the thread would print a traceback about the closed loop on the way out.
+        await asyncio.to_thread(connecting._thread.join, 5)
+        if isinstance(exc, sqlite3.Error):
+            raise _open_error(path, exc) from None
+        raise
 
 
 def _looks_like_sqlite(path: str) -> bool:
