@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from orp_proxy.config import Settings, load_settings
+from orp_proxy.config import Settings, load_settings, upstream_key
 from orp_proxy.http.middleware import error_middleware
 from orp_proxy.http.routes import setup_routes
 from orp_proxy.ops.access import access_middleware, setup_access_log
@@ -25,6 +25,7 @@ from orp_proxy.ops.health import setup_health
 from orp_proxy.ops.keepalive import streams_ctx
 from orp_proxy.ops.metrics import TimedStore, setup_metrics
 from orp_proxy.protocol.validation import RequestLimits
+from orp_proxy.routing import Router, Routes, SingleUpstream
 from orp_proxy.state import GATEWAY, Gateway
 from orp_proxy.store.sqlite import SQLiteStore
 from orp_proxy.upstream.client import RetryPolicy, UpstreamClient
@@ -40,7 +41,7 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     # Whatever was opened is closed again, also when a later step of the start-up fails.
     async with contextlib.AsyncExitStack() as opened:
         base_url = settings.upstream_url
-        if settings.mock_upstream or base_url is None:
+        if not settings.routed and (settings.mock_upstream or base_url is None):
             from orp_proxy.upstream.mock import start_mock_upstream
 
             _, mock_runner, base_url = await start_mock_upstream("127.0.0.1", 0)
@@ -55,23 +56,55 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
             auto_decompress=True,
         )
         opened.push_async_callback(session.close)
-        upstream_key = settings.resolved_upstream_key()
-        upstream = UpstreamClient(
-            session, base_url, upstream_key, max_line_bytes=settings.max_line_bytes,
-            retry=RetryPolicy(settings.upstream_retries, settings.retry_backoff,
-                              settings.retry_max_wait),
-            scrub=None if settings.expose_upstream_errors else Scrubber(
-                [urlsplit(base_url).hostname or "", upstream_key or ""]),
-            connect_timeout=settings.connect_timeout)
-        opened.push_async_callback(upstream.close)  # before the session closes
+        router: Routes
+        if settings.routed:
+            router = _router(settings, session)
+            upstream = next(iter(router.upstreams.values())).client
+        else:
+            assert base_url is not None
+            key = settings.resolved_upstream_key()
+            upstream = UpstreamClient(
+                session, base_url, key, max_line_bytes=settings.max_line_bytes,
+                retry=RetryPolicy(settings.upstream_retries, settings.retry_backoff,
+                                  settings.retry_max_wait),
+                scrub=None if settings.expose_upstream_errors else Scrubber(
+                    [urlsplit(base_url).hostname or "", key or ""]),
+                connect_timeout=settings.connect_timeout)
+            router = SingleUpstream(upstream, settings.quirks, settings.upstream_model)
+        opened.push_async_callback(router.close)  # before the session closes
         store = await SQLiteStore.open(settings.db_path,
                                        owner_secret=settings.resolved_owner_secret())
         opened.push_async_callback(store.close)
         limits = RequestLimits(max_input_items=settings.max_input_items,
                                max_tools=settings.max_tools)
         app[GATEWAY] = Gateway(settings=settings, upstream=upstream, store=TimedStore(store),
-                               limits=limits)
+                               router=router, limits=limits)
         yield
+
+
+def _router(settings: Settings, session: aiohttp.ClientSession) -> Router:
+    """The router of the configuration file's models, one client per upstream (all on the
+    worker's one session)."""
+    file = settings.file
+    assert file is not None
+    keys = {name: upstream_key(spec) for name, spec in file.upstreams.items()}
+    # One scrubber for all: an error from one upstream may name another.
+    scrub = None if settings.expose_upstream_errors else Scrubber(
+        [urlsplit(spec.url).hostname or "" for spec in file.upstreams.values()]
+        + [key for key in keys.values() if key])
+    clients = {}
+    for name, spec in file.upstreams.items():
+        connect = spec.connect_timeout or settings.connect_timeout
+        timeout = None
+        if spec.connect_timeout is not None or spec.read_timeout is not None:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect,
+                                            sock_read=spec.read_timeout or settings.read_timeout)
+        # No retries on the same upstream: the router fails over to another deployment.
+        clients[name] = UpstreamClient(session, spec.url, keys[name],
+                                       max_line_bytes=settings.max_line_bytes, scrub=scrub,
+                                       connect_timeout=connect, timeout=timeout)
+    return Router.from_config(file, clients, session, defaults=settings.quirks,
+                              aliases=dict(settings.model_map))
 
 
 async def _purge_loop(gateway: Gateway) -> None:

@@ -16,6 +16,7 @@ from orp_proxy.config import (
     Settings,
     load_settings,
     unknown_variables,
+    upstream_key,
 )
 
 
@@ -73,7 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stats: counts and sizes; purge: delete expired responses now; "
                             "vacuum: checkpoint the WAL and compact the file")
     _add_setting_flags(store)
+    config = commands.add_parser("config", help="validate a configuration file (ORP_CONFIG)")
+    config.add_argument("action", choices=["check"], help="check: validate FILE completely "
+                        "(values, references, key files readable) without starting anything")
+    config.add_argument("file", metavar="FILE", help="the TOML file")
     return parser
+
+
+def _check_config(path: str) -> int:
+    """`orp-proxy config check FILE`: one line saying what is wrong, or a summary."""
+    try:
+        # The file's own values only: the environment must not hide a bad value in it.
+        settings = load_settings({}, {"config_file": path})
+        file = settings.file
+        assert file is not None
+        for spec in file.upstreams.values():
+            upstream_key(spec)  # readable, never printed
+    except ConfigError as exc:
+        print(f"orp-proxy: {exc}", file=sys.stderr)
+        return 1
+    deployments = sum(len(d) for d in file.models.values())
+    print(f"{path}: ok ({len(file.settings)} settings, {len(file.upstreams)} upstreams, "
+          f"{len(file.models)} models, {deployments} deployments)")
+    return 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -152,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "config":
+        return _check_config(args.file)
     try:
         settings = _settings(args)
     except ConfigError as exc:

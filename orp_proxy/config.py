@@ -16,6 +16,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import ujson
 
+from orp_proxy.config_file import ConfigFileError, FileConfig, UpstreamSpec, read_config
+from orp_proxy.config_file import Quirks as Quirks  # re-exported for the protocol layer
+
 
 class ConfigError(ValueError):
     """A setting has a value we cannot use; raised at start-up, never per request."""
@@ -165,6 +168,10 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
+    Setting("config_file", "ORP_CONFIG", _optional_str,
+            "TOML file with upstreams, models and routing (and any setting under "
+            "[settings]; an environment variable for the same setting wins). Checked with "
+            "`orp-proxy config check FILE`.", metavar="PATH"),
     Setting("upstream_url", "ORP_UPSTREAM_URL", _upstream_url,
             "Base URL of the Chat Completions backend, including /v1 (http:// or https://). "
             "Required, unless ORP_MOCK_UPSTREAM is on.", metavar="URL"),
@@ -309,6 +316,7 @@ SETTINGS: tuple[Setting, ...] = (
 class Settings:
     """Resolved configuration of one ORP process (all workers share the same values)."""
 
+    config_file: str | None = None
     upstream_url: str | None = None
     mock_upstream: bool = False
     upstream_api_key: str | None = None
@@ -354,6 +362,22 @@ class Settings:
     metrics_public: bool = True
     max_input_items: int = 4096
     max_tools: int = 128
+    # The parsed ORP_CONFIG file (not a setting of its own: it is where settings come from).
+    file: FileConfig | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def routed(self) -> bool:
+        """Whether a configuration file names upstreams and models (else: one upstream)."""
+        return self.file is not None and bool(self.file.models)
+
+    @property
+    def quirks(self) -> Quirks:
+        """The process-wide quirks: the single upstream's, and the defaults of configured
+        ones."""
+        return Quirks(max_tokens_field=self.max_tokens_field,
+                      developer_role=self.developer_role,
+                      reasoning_field=self.upstream_reasoning_field,
+                      thinking_kwarg=self.thinking_kwarg)
 
     def upstream_model(self, client_model: str) -> str:
         return self.model_map.get(client_model, client_model)
@@ -391,7 +415,15 @@ class Settings:
             if name in _ALWAYS_SHOWN or value != defaults[name])
 
     def check_upstream(self) -> None:
-        """ConfigError unless exactly one of a real upstream and the demo mock is chosen."""
+        """ConfigError unless exactly one of a real upstream, the demo mock, and a
+        configuration file of models is chosen."""
+        if self.routed:
+            for field_name, env in (("upstream_url", "ORP_UPSTREAM_URL"),
+                                    ("mock_upstream", "ORP_MOCK_UPSTREAM")):
+                if getattr(self, field_name):
+                    raise ConfigError(f"{env} is set, but the ORP_CONFIG file {self.config_file} "
+                                      "names the upstreams: remove one of them")
+            return
         if self.mock_upstream and self.upstream_url:
             raise ConfigError("ORP_UPSTREAM_URL and ORP_MOCK_UPSTREAM are both set: choose the "
                               "real backend or the demo mock, not both")
@@ -488,14 +520,41 @@ def _secret(value: str | None, path: str | None, credential: str) -> str | None:
     return (lines[0].strip() if lines else "") or None
 
 
+def upstream_key(spec: UpstreamSpec) -> str | None:
+    """The key of a configured upstream: the first line of its `api_key_file` or of its
+    systemd credential `api_key_credential`; None if it names neither. ConfigError (naming
+    the upstream, never the key) if the file cannot be read or the credential is missing."""
+    if spec.api_key_file is not None:
+        path = spec.api_key_file
+    elif spec.api_key_credential is not None:
+        found = secret_path(None, spec.api_key_credential)
+        if found is None:
+            raise ConfigError(f"upstreams.{spec.name}.api_key_credential: no systemd "
+                              f"credential {spec.api_key_credential!r} "
+                              "($CREDENTIALS_DIRECTORY, LoadCredential=)")
+        path = found
+    else:
+        return None
+    lines = read_secret_file(path, f"the key of upstream {spec.name!r},").splitlines()
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ConfigError(f"upstreams.{spec.name}: the key file {path} is empty")
+    return key
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
 ) -> Settings:
-    """Settings from the environment, then `overrides` (raw strings keyed by field name)."""
+    """Settings from the `ORP_CONFIG` file's `[settings]`, then the environment, then
+    `overrides` (raw strings keyed by field name); later ones win."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    path = (overrides or {}).get("config_file") or env.get("ORP_CONFIG") or None
+    file = load_config_file(path) if path else None
     for setting in SETTINGS:
         raw = env.get(setting.env)
+        if raw is None and file is not None:
+            raw = file.settings.get(setting.field)
         if overrides is not None and overrides.get(setting.field) is not None:
             raw = overrides[setting.field]
         if raw is None:
@@ -506,5 +565,22 @@ def load_settings(
             shown = ("<redacted>" if setting.secret
                      else repr(redacted_url(raw)) if setting.field == "upstream_url"
                      else repr(raw))
-            raise ConfigError(f"{setting.env}={shown}: {exc}") from None
-    return dataclasses.replace(Settings(), **values)
+            where = (f"{file.path}: settings.{setting.field}" if file is not None
+                     and env.get(setting.env) is None and setting.field in file.settings
+                     and not (overrides or {}).get(setting.field) else setting.env)
+            raise ConfigError(f"{where}={shown}: {exc}") from None
+    return dataclasses.replace(Settings(), **values, file=file)
+
+
+def load_config_file(path: str) -> FileConfig:
+    """The validated `ORP_CONFIG` file; ConfigError (one line naming the key) if unusable."""
+    try:
+        file = read_config(path, {s.field: s.env for s in SETTINGS})
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
+    for setting in SETTINGS:
+        if setting.secret and setting.field in file.settings:
+            raise ConfigError(f"{path}: settings.{setting.field}: a secret does not belong in "
+                              f"the file; use {setting.env}, its _FILE variant or a systemd "
+                              "credential")
+    return file

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from orp_proxy.config import Quirks, Settings
 from orp_proxy.errors import SERVER_ERROR, ApiError
 from orp_proxy.exchange import Exchange, Persistence
 from orp_proxy.protocol.clients import reasoning_event_style
@@ -25,6 +26,7 @@ from orp_proxy.protocol.translate import (
     normalize_input,
     to_chat_messages,
 )
+from orp_proxy.routing import BuildChat, RouteHints, model_not_found
 from orp_proxy.state import Gateway
 from orp_proxy.store import StoredResponse
 
@@ -121,6 +123,35 @@ async def warm_up(gateway: Gateway, body: dict[str, Any], *, owner: str,
     return WarmUp(response, transcoder.take(), new_items, stored)
 
 
+def chat_builder(settings: Settings, body: Mapping[str, Any], context: list[dict[str, Any]],
+                 *, instructions: str | None, append: dict[str, Any] | None = None
+                 ) -> BuildChat:
+    """Makes the upstream body for whichever deployment the router picks (their quirks may
+    differ); the messages are translated once per kind of backend."""
+    translated: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def build(quirks: Quirks, upstream_model: str) -> dict[str, Any]:
+        kind = (quirks.developer_role, quirks.reasoning_field)
+        messages = translated.get(kind)
+        if messages is None:
+            messages = to_chat_messages(context, instructions=instructions,
+                                        developer_role=quirks.developer_role,
+                                        reasoning_field=quirks.reasoning_field)
+            if append is not None:
+                messages.append(append)
+            translated[kind] = messages
+        return build_chat_request(body, messages, model=upstream_model, settings=settings,
+                                  quirks=quirks)
+
+    return build
+
+
+def check_model(gateway: Gateway, model: str) -> None:
+    """404 `model_not_found` for a model no deployment serves, before any other work."""
+    if not gateway.router.known(model):
+        raise model_not_found(model)
+
+
 async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
                          history: list[dict[str, Any]], request_id: str,
                          authorization: str | None = None,
@@ -132,15 +163,13 @@ async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
     WebSocket upgrade's) headers, which pick the reasoning event names under `auto`."""
     settings = gateway.settings
     model = _model(gateway, body)
+
+    check_model(gateway, model)
     new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
     # Compaction items go upstream as the summaries they seal, reasoning items with the text
     # their blob seals; the store keeps them as the client sent them.
     context = replay_sealed(gateway.compaction, owner, history, new_items)
-    messages = to_chat_messages(context, instructions=body.get("instructions"),
-                                developer_role=settings.developer_role,
-                                reasoning_field=settings.upstream_reasoning_field)
-    chat = build_chat_request(body, messages, model=settings.upstream_model(model),
-                              settings=settings)
+    build = chat_builder(settings, body, context, instructions=body.get("instructions"))
     include = body.get("include") or ()
     reasoning = body.get("reasoning")
     cipher = gateway.compaction
@@ -155,8 +184,11 @@ async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
                         if "reasoning.encrypted_content" in include else None),
         include_logprobs="message.output_text.logprobs" in include,
     )
-    upstream = await gateway.upstream.open(chat, request_id=request_id,
-                                           authorization=authorization)
+    hints = RouteHints(previous_response_id=body.get("previous_response_id"),
+                       response_id=transcoder.response["id"],
+                       prompt_cache_key=body.get("prompt_cache_key"))
+    upstream = await gateway.router.open(model, build, request_id=request_id,
+                                         authorization=authorization, hints=hints)
     persist = (Persistence(gateway.store, owner, new_items, settings.store_ttl_seconds or None)
                if body.get("store") is not False else None)
     return Exchange(transcoder, upstream, persist, new_items=new_items)

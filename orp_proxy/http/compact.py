@@ -24,16 +24,11 @@ from orp_proxy.exchange import Exchange
 from orp_proxy.http.request import credential, json_response, read_json_body, request_id
 from orp_proxy.ops.access import attach_exchange
 from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
-from orp_proxy.pipeline import load_history, resolve_references
+from orp_proxy.pipeline import chat_builder, check_model, load_history, resolve_references
 from orp_proxy.protocol.resource import build_response, new_id, usage_from_chat
 from orp_proxy.protocol.summaries import replay_sealed
 from orp_proxy.protocol.transcoder import Transcoder
-from orp_proxy.protocol.translate import (
-    build_chat_request,
-    item_type,
-    normalize_input,
-    to_chat_messages,
-)
+from orp_proxy.protocol.translate import item_type, normalize_input
 from orp_proxy.protocol.validation import validate_compact_body
 from orp_proxy.state import GATEWAY
 
@@ -69,19 +64,16 @@ async def compact_response(request: web.Request) -> web.StreamResponse:
     owner = gateway.store.owner_id(credential(request))
     rid = request_id(request)
     model: str = body["model"]
+    check_model(gateway, model)
     history = await load_history(gateway, owner, body.get("previous_response_id"))
     new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
     context = replay_sealed(gateway.compaction, owner, history, new_items)
-    messages = to_chat_messages(context, instructions=body.get("instructions"),
-                                developer_role=settings.developer_role,
-                                reasoning_field=settings.upstream_reasoning_field)
-    messages.append({"role": "user", "content": SUMMARY_REQUEST})
-    chat = build_chat_request({}, messages, model=settings.upstream_model(model),
-                              settings=settings)
+    build = chat_builder(settings, {}, context, instructions=body.get("instructions"),
+                         append={"role": "user", "content": SUMMARY_REQUEST})
     # No tools are offered, so a tool call fails the summary rather than reaching the client.
     transcoder = Transcoder(build_response({"store": False}, model=model))
-    upstream = await gateway.upstream.open(chat, request_id=rid,
-                                           authorization=request.get(UPSTREAM_AUTHORIZATION))
+    upstream = await gateway.router.open(model, build, request_id=rid,
+                                         authorization=request.get(UPSTREAM_AUTHORIZATION))
     exchange = Exchange(transcoder, upstream)
     attach_exchange(request, exchange, stream=False)  # tokens and model on the access line
     result = await exchange.collect()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from orp_proxy.http.compact import compact_response
+from orp_proxy.http.models import list_models
 from orp_proxy.http.responses import (
     create_response,
     delete_response,
@@ -15,6 +16,7 @@ from orp_proxy.http.websocket import setup_websocket
 
 
 def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/responses", create_response)
     setup_websocket(app)  # GET /v1/responses, upgraded
     app.router.add_post("/v1/responses/compact", compact_response)

@@ -2,8 +2,10 @@
 
 `/livez` answers as long as the worker's event loop does. `/readyz` answers 503 while the worker
 is draining, or when the response store cannot commit a small write within a second; otherwise
-200. The upstream's state comes from a background probe of `GET {upstream}/models` and is only
-reported: one upstream blip must not take every ORP instance out of the load balancer at once.
+200 (`degraded` when a configured model has deployments out; 503 when none is servable only if
+`[routing] readyz_requires_model`). The upstream's state comes from a background probe of
+`GET {upstream}/models` and is only reported: one upstream blip must not take every ORP
+instance out of the load balancer at once.
 
 Draining starts when SIGTERM reaches the worker (`drain_on_sigterm`, installed by the gunicorn
 config; `orp-proxy serve` gets there through the application's shutdown), or while the
@@ -144,7 +146,9 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
         drain.drain_file = os.path.exists(settings.drain_file)  # noqa: ASYNC240
         tasks.append(asyncio.create_task(_watch_drain_file(drain, settings.drain_file),
                                          name="orp-drain-file"))
-    if settings.upstream_probe_interval > 0:
+    if settings.upstream_probe_interval > 0 and not settings.routed:
+        # With routed models the router keeps each deployment's state (and probes the ones
+        # it took out); one upstream's probe would say nothing about the others.
         tasks.append(asyncio.create_task(
             probe.run(upstream.session, settings.upstream_probe_interval),
             name="orp-upstream-probe"))
@@ -175,20 +179,35 @@ async def livez(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     drain = request.app[DRAIN]
-    probe = request.app.get(PROBE)
-    body: dict[str, Any] = {"pid": os.getpid(),
-                            "upstream": probe.state if probe else {"state": "unknown"}}
+    gateway = request.app[GATEWAY]
+    body: dict[str, Any] = {"pid": os.getpid()}
+    file = gateway.settings.file
+    routing = file.routing if file is not None and file.models else None
+    if routing is not None:
+        body["models"] = gateway.router.state()
+    else:
+        probe = request.app.get(PROBE)
+        body["upstream"] = probe.state if probe else {"state": "unknown"}
     reason = drain.reason()
     if reason is not None:
         # Answer at once: a draining worker must leave the pool even if its store hangs.
         return _health_json({"status": "draining", "reason": reason, **body}, 503)
     started = time.monotonic()
-    writable = await request.app[GATEWAY].store.check_writable(STORE_CHECK_TIMEOUT)
+    writable = await gateway.store.check_writable(STORE_CHECK_TIMEOUT)
     body["store"] = {"writable": writable,
                      "latency_ms": round((time.monotonic() - started) * 1000, 1)}
     if not writable:
         return _health_json({"status": "not_ready", "reason": "store_not_writable", **body},
                             503)
+    if routing is not None:
+        states = {m["state"] for m in body["models"].values()}
+        if states == {"down"} and routing.readyz_requires_model:
+            return _health_json({"status": "not_ready", "reason": "no_model_servable", **body},
+                                503)
+        if states != {"ok"}:
+            # Reported, still 200 by default: one backend blip must not take every ORP
+            # instance out of the load balancer at once.
+            return _health_json({"status": "degraded", **body}, 200)
     return _health_json({"status": "ready", **body}, 200)
 
 

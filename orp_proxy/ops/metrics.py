@@ -51,6 +51,23 @@ STORE_SECONDS = Histogram(
     "orp_store_operation_seconds", "Response store operation latency.", ["operation"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+# Per deployment (a model on one upstream) when ORP_CONFIG routes models; labels: the client's
+# model name and the deployment (`upstream/upstream_model`).
+DEPLOYMENT_REQUESTS = Counter("orp_deployment_requests", "Requests sent to a deployment "
+                              "(each failover attempt counts).", ["model", "deployment"])
+DEPLOYMENT_ERRORS = Counter("orp_deployment_errors", "Failed attempts on a deployment before "
+                            "its stream started, by kind (connect, HTTP status, or error code).",
+                            ["model", "deployment", "kind"])
+DEPLOYMENT_EJECTIONS = Counter("orp_deployment_ejections", "Times a deployment was taken out "
+                               "of rotation, by reason.", ["model", "deployment", "reason"])
+DEPLOYMENT_IN_FLIGHT = Gauge("orp_deployment_in_flight", "Requests now open on a deployment.",
+                             ["model", "deployment"], multiprocess_mode="livesum")
+DEPLOYMENT_LATENCY = Histogram(
+    "orp_deployment_latency_seconds",
+    "From sending a request to a deployment to its answer's headers (queueing, prefill).",
+    ["model", "deployment"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
+)
 
 _INPUT_TOKENS = TOKENS.labels("input")
 _OUTPUT_TOKENS = TOKENS.labels("output")

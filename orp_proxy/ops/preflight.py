@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 
-from orp_proxy.config import ConfigError, Settings
+from orp_proxy.config import ConfigError, Settings, upstream_key
 from orp_proxy.ops.auth import Authenticator
 from orp_proxy.protocol.summaries import CompactionCipher
 from orp_proxy.store.sqlite import check_path
@@ -30,6 +30,9 @@ def check_settings(settings: Settings) -> None:
     check_listen_address(settings.host, settings.port)
     Authenticator.from_settings(settings)  # mode, keys and their file
     settings.resolved_upstream_key()  # secret files readable
+    if settings.file is not None:
+        for spec in settings.file.upstreams.values():
+            upstream_key(spec)
     settings.resolved_owner_secret()
     compaction_key = settings.resolved_compaction_key()
     if compaction_key is not None:

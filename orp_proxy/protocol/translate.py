@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from orp_proxy.config import Settings
+from orp_proxy.config import Quirks, Settings
 from orp_proxy.protocol.resource import new_id
 
 _ID_PREFIX = {
@@ -319,16 +319,20 @@ def _chat_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def _chat_tool_choice(choice: Any) -> Any:
+def _chat_tool_choice(choice: Any, object_form: bool = True) -> Any:
+    """The chat `tool_choice`. `object_form` False: the backend takes only the string forms,
+    so a forced tool becomes "required" (the allowed set is enforced on the way back)."""
     if isinstance(choice, str):
         return choice
     if choice.get("type") == "allowed_tools":
         # All tools stay visible upstream (the prompt cache stays warm); the subset is
         # enforced on the way back. A single required tool can be forced exactly.
         mode = choice.get("mode") or "auto"
-        if mode == "required" and len(choice["tools"]) == 1:
+        if mode == "required" and len(choice["tools"]) == 1 and object_form:
             return {"type": "function", "function": {"name": choice["tools"][0]["name"]}}
         return mode
+    if not object_form:
+        return "required"
     return {"type": "function", "function": {"name": choice["name"]}}
 
 
@@ -359,8 +363,11 @@ def build_chat_request(
     *,
     model: str,
     settings: Settings,
+    quirks: Quirks | None = None,
 ) -> dict[str, Any]:
-    """The Chat Completions body: always streamed, always asking for usage."""
+    """The Chat Completions body: always streamed, always asking for usage. `quirks`: the
+    target upstream's (default: the process-wide settings')."""
+    q = quirks if quirks is not None else settings.quirks
     chat: dict[str, Any] = {
         "model": model,
         "messages": messages,
@@ -371,18 +378,18 @@ def build_chat_request(
     if tools:
         chat["tools"] = [_chat_tool(t) for t in tools]
         if body.get("tool_choice") is not None:
-            chat["tool_choice"] = _chat_tool_choice(body["tool_choice"])
+            chat["tool_choice"] = _chat_tool_choice(body["tool_choice"], q.tool_choice_object)
         if body.get("parallel_tool_calls") is not None:
             chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     response_format = _response_format(body.get("text"))
     if response_format is not None:
         chat["response_format"] = response_format
     if body.get("max_output_tokens") is not None:
-        chat[settings.max_tokens_field] = body["max_output_tokens"]
+        chat[q.max_tokens_field] = body["max_output_tokens"]
     reasoning = body.get("reasoning")
     effort = reasoning.get("effort") if isinstance(reasoning, dict) else None
     if effort is not None:
-        switch = settings.thinking_kwarg
+        switch = q.thinking_kwarg
         if switch:
             # Hybrid thinking models (Qwen3, GLM, DeepSeek-V3.1 …) switch thinking with a chat
             # template argument; "none" and "minimal" turn it off and then no effort is sent
@@ -407,4 +414,6 @@ def build_chat_request(
         chat["logprobs"] = True
         if body.get("top_logprobs"):
             chat["top_logprobs"] = body["top_logprobs"]
+    for name, value in q.extra_body.items():
+        chat.setdefault(name, value)  # the request's own fields win over the operator's
     return chat

@@ -213,6 +213,13 @@ class UpstreamStream:
         self._json = not response.content_type.startswith("text/event-stream")
         self.saw_done = False
         self._released = False
+        # Called once when the stream is released or closed (the router's in-flight count).
+        self.on_done: Callable[[], None] | None = None
+
+    def _done(self) -> None:
+        done, self.on_done = self.on_done, None
+        if done is not None:
+            done()
 
     async def batches(self) -> AsyncIterator[list[Any]]:
         """Per network read, the chunks it completed (possibly none). Stops at `[DONE]`."""
@@ -312,6 +319,7 @@ class UpstreamStream:
         if self._released:
             return
         self._released = True
+        self._done()
         response = self.response
         draining = self._draining
         if draining is None or response.connection is None or response.content.at_eof():
@@ -325,6 +333,7 @@ class UpstreamStream:
         """Drop the connection at once; a no-op after `release`."""
         if not self._released:
             self.response.close()
+            self._done()
 
 
 async def _read_error_body(response: aiohttp.ClientResponse) -> bytes:
@@ -421,13 +430,21 @@ class RetryPolicy:
         return jittered if jittered <= budget else None
 
 
-class _Refused(Exception):
-    """The upstream did not take the request: safe to send again. Carries the final error."""
+class UpstreamFailure(Exception):
+    """One attempt failed before the upstream's body started, in a way another deployment of
+    the same model could answer instead: the connection failed (`status` None), or the
+    upstream answered 429 or 5xx. Carries the error the client would get.
 
-    def __init__(self, error: ApiError, retry_after: float | None = None) -> None:
+    `refused`: the upstream provably did no work (connect error, 429, 503), so even the same
+    upstream may be asked again (see the module docstring)."""
+
+    def __init__(self, error: ApiError, retry_after: float | None = None, *,
+                 status: int | None = None, refused: bool = True) -> None:
         super().__init__(error.message)
         self.error = error
         self.retry_after = retry_after
+        self.status = status
+        self.refused = refused
 
 
 class UpstreamClient:
@@ -440,7 +457,8 @@ class UpstreamClient:
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str | None,
                  *, max_line_bytes: int, retry: RetryPolicy | None = None,
-                 scrub: Scrub | None = None, connect_timeout: float | None = None) -> None:
+                 scrub: Scrub | None = None, connect_timeout: float | None = None,
+                 timeout: aiohttp.ClientTimeout | None = None) -> None:
         self.session = session
         self.base_url = base_url
         self.url = self.endpoint("chat/completions")
@@ -449,6 +467,8 @@ class UpstreamClient:
         self.retry = retry or RetryPolicy()
         self._scrub = scrub
         self._connect_timeout = connect_timeout
+        # Per-request timeouts (one upstream of several); None: the session's.
+        self._timeout = timeout
         self._draining: set[asyncio.Task[None]] = set()
 
     def endpoint(self, name: str) -> str:
@@ -472,6 +492,34 @@ class UpstreamClient:
         replaces ORP's key, and an upstream 401/403 then means the client's key is bad.
         Refused attempts are retried per `self.retry` (see the module docstring).
         """
+        data, headers = self._request(chat, request_id, authorization)
+        waited = 0.0
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(data, headers, client_key=authorization is not None)
+            except UpstreamFailure as refused:
+                if not refused.refused:
+                    raise refused.error from None
+                delay = self.retry.delay(attempt, refused.retry_after, waited)
+                if delay is None:
+                    raise refused.error from None
+                attempt += 1
+                log.warning("upstream refused request %s (%s); retry %d of %d in %.2f s",
+                            request_id or "-", refused.error.code, attempt, self.retry.retries,
+                            delay)
+                await asyncio.sleep(delay)
+                waited += delay
+
+    async def attempt(self, chat: dict[str, Any], *, request_id: str | None = None,
+                      authorization: str | None = None) -> UpstreamStream:
+        """One try, no retries: `UpstreamFailure` when another upstream could answer instead,
+        `ApiError` when not (the request itself was refused, or may have been acted on)."""
+        data, headers = self._request(chat, request_id, authorization)
+        return await self._attempt(data, headers, client_key=authorization is not None)
+
+    def _request(self, chat: dict[str, Any], request_id: str | None,
+                 authorization: str | None) -> tuple[bytes, dict[str, str]]:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         auth = authorization or self.authorization
         if auth:
@@ -485,44 +533,41 @@ class UpstreamClient:
             # A lone surrogate (a valid `\ud800` escape in the client's JSON) is not UTF-8;
             # as an escape it is still valid JSON.
             data = ujson.dumps(chat, ensure_ascii=True, escape_forward_slashes=False).encode()
-        waited = 0.0
-        attempt = 0
-        while True:
-            try:
-                return await self._attempt(data, headers, client_key=authorization is not None)
-            except _Refused as refused:
-                delay = self.retry.delay(attempt, refused.retry_after, waited)
-                if delay is None:
-                    raise refused.error from None
-                attempt += 1
-                log.warning("upstream refused request %s (%s); retry %d of %d in %.2f s",
-                            request_id or "-", refused.error.code, attempt, self.retry.retries,
-                            delay)
-                await asyncio.sleep(delay)
-                waited += delay
+        return data, headers
 
     async def _attempt(self, data: bytes, headers: dict[str, str], *, client_key: bool
                        ) -> UpstreamStream:
         try:
-            response = await self.session.post(self.url, data=data, headers=headers)
+            if self._timeout is None:
+                response = await self.session.post(self.url, data=data, headers=headers)
+            else:
+                response = await self.session.post(self.url, data=data, headers=headers,
+                                                   timeout=self._timeout)
         except aiohttp.ConnectionTimeoutError:
             within = (f" within {self._connect_timeout:g} s" if self._connect_timeout else "")
-            raise _Refused(ApiError(504, "The upstream model server did not accept a "
-                                    f"connection{within}", type=SERVER_ERROR,
-                                    code="upstream_connect_timeout")) from None
+            raise UpstreamFailure(ApiError(504, "The upstream model server did not accept a "
+                                           f"connection{within}", type=SERVER_ERROR,
+                                           code="upstream_connect_timeout")) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise ApiError(504, "The upstream model server did not answer in time",
                            type=SERVER_ERROR, code="upstream_timeout") from None
         except aiohttp.ClientSSLError:
-            raise ApiError(502, "The upstream model server's TLS connection failed",
-                           type=SERVER_ERROR, code="upstream_unavailable") from None
+            # Not sent again to the same server, but another one may do better.
+            raise UpstreamFailure(ApiError(502, "The upstream model server's TLS connection "
+                                           "failed", type=SERVER_ERROR,
+                                           code="upstream_unavailable"),
+                                  refused=False) from None
         except aiohttp.ClientConnectorError:
-            raise _Refused(ApiError(502, "The upstream model server cannot be reached",
-                                    type=SERVER_ERROR, code="upstream_unavailable")) from None
+            raise UpstreamFailure(ApiError(502, "The upstream model server cannot be reached",
+                                           type=SERVER_ERROR, code="upstream_unavailable")
+                                  ) from None
         except aiohttp.ClientError:
-            # The request may have been received: not retried.
-            raise ApiError(502, "The connection to the upstream model server failed",
-                           type=SERVER_ERROR, code="upstream_unavailable") from None
+            # The request may have been received: not sent to this server again, but with no
+            # answer at all another one may take it (like a 5xx).
+            raise UpstreamFailure(ApiError(502, "The connection to the upstream model server "
+                                           "failed", type=SERVER_ERROR,
+                                           code="upstream_unavailable"),
+                                  refused=False) from None
         if response.status != 200:
             try:
                 raw = await _read_error_body(response)
@@ -533,8 +578,11 @@ class UpstreamClient:
                                type=AUTHENTICATION, code="invalid_api_key",
                                headers={"WWW-Authenticate": "Bearer"})
             error = status_error(response.status, raw, response.headers, self._scrub)
-            if response.status in (429, 503):
-                raise _Refused(error, retry_after_seconds(response.headers.get("Retry-After")))
+            status = response.status
+            if status == 429 or status >= 500:
+                raise UpstreamFailure(
+                    error, retry_after_seconds(response.headers.get("Retry-After")),
+                    status=status, refused=status in (429, 503))
             raise error
         content_type = response.content_type
         if not (content_type.startswith("text/event-stream") or content_type.endswith("json")):
