@@ -7,7 +7,7 @@ ratios measured within one run (through ORP vs direct to the upstream). Wall-clo
 
     scripts/bench                       # the full suite, results in bench-results.json
     scripts/bench --quick               # a smaller run
-    scripts/bench --only cpu            # one section: cpu, sweep, memory, store, replay, json
+    scripts/bench --only cpu            # one section: cpu, sweep, memory, store, json, routing
     scripts/bench --target URL --target-pid PID   # the same load against another gateway
 
 Everything listens on 127.0.0.1; every loop is bounded in count and time.
@@ -54,12 +54,16 @@ def mock_upstream(interval_ms: float) -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def orp(upstream: str, db: str) -> Iterator[tuple[str, int]]:
-    """`orp-proxy serve` (one process, no gateway keys), output discarded."""
+def orp(upstream: str | None, db: str, **settings: str) -> Iterator[tuple[str, int]]:
+    """`orp-proxy serve` (one process, no gateway keys), output discarded; `upstream` None:
+    the upstreams come from `settings` (ORP_CONFIG)."""
     port = procs.free_port()
     args = [sys.executable, "-m", "orp_proxy.cli", "serve", "--port", str(port),
-            "--upstream-url", upstream, "--db-path", db, "--log-level", "warning"]
-    proc = subprocess.Popen(args, env=procs.clean_env(ORP_AUTH_MODE="none"), cwd=procs.ROOT,
+            "--db-path", db, "--log-level", "warning"]
+    if upstream is not None:
+        args += ["--upstream-url", upstream]
+    proc = subprocess.Popen(args, env=procs.clean_env(ORP_AUTH_MODE="none", **settings),
+                            cwd=procs.ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     with procs.running(proc, sig=signal.SIGINT):
@@ -393,11 +397,52 @@ def section_json(scale: float, target: str | None, target_pid: int | None) -> di
     return row
 
 
+def section_routing(scale: float) -> dict[str, Any]:
+    """CPU per request with ORP_CONFIG routing one model over two replicas, against the same
+    load through one upstream (no file): what choosing a deployment, counting it in and out
+    and its metrics add. Interleaved runs, so that the machine's noise hits both alike."""
+    with mock_upstream(0.0) as (one_url, _), mock_upstream(0.0) as (two_url, _), \
+            tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "orp.toml")
+        with open(path, "w") as handle:
+            handle.write(f"""
+[upstreams.one]
+url = "{one_url}"
+[upstreams.two]
+url = "{two_url}"
+[models.bench]
+deployments = [{{ upstream = "one", model = "bench" }}, {{ upstream = "two", model = "bench" }}]
+""")
+        out: dict[str, Any] = {}
+        with orp(one_url, os.path.join(tmp, "single.sqlite3")) as (single_url, single_pid), \
+                orp(None, os.path.join(tmp, "routed.sqlite3"), ORP_CONFIG=path) as (
+                    routed_url, routed_pid):
+            for label, tokens, requests in (("16_tokens", 16, int(2000 * scale)),
+                                            ("256_tokens", TOKENS, int(800 * scale))):
+                body = dict(BENCH_BODY, max_output_tokens=tokens)
+                cost: dict[str, list[float]] = {"single": [], "routed": []}
+                errors = 0
+                for name, url, pid in (("single", single_url, single_pid),
+                                       ("routed", routed_url, routed_pid)) * 3:
+                    row = measured(url, "responses", 10, requests, body, {"proxy": pid})
+                    cost[name].append(row["proxy_cpu_us_per_request"])
+                    errors += row["errors"]
+                single = statistics.median(cost["single"])
+                routed = statistics.median(cost["routed"])
+                out[label] = {"single_upstream_us": round(single, 1),
+                              "routed_2_replicas_us": round(routed, 1),
+                              "added_us_per_request": round(routed - single, 1),
+                              "added_pct": round((routed / single - 1) * 100, 1),
+                              "errors": errors, "runs_us": cost}
+                _print(f"routing {label}", out[label])
+    return out
+
+
 def _print(label: str, row: Any) -> None:
     print(f"== {label}\n{json.dumps(row, indent=1)}", flush=True)
 
 
-SECTIONS = ("cpu", "sweep", "memory", "store", "json")
+SECTIONS = ("cpu", "sweep", "memory", "store", "json", "routing")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         results["store"] = section_store(scale)
     if "json" in chosen:
         results["json"] = section_json(scale, args.target, args.target_pid)
+    if "routing" in chosen and args.target is None:
+        results["routing"] = section_routing(scale)
     results["duration_s"] = round(time.time() - started, 1)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"results written to {args.out}")

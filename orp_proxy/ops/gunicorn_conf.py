@@ -21,6 +21,10 @@ environment file configures both; gunicorn flags given on the command line still
 - The settings are checked in the master before any worker is forked (`on_starting`): a
   mistake is one line on stderr and exit status 78 (EX_CONFIG, which the systemd unit does not
   restart on), not a traceback per worker.
+- SIGHUP (`systemctl reload`): gunicorn starts new workers, which read the settings and the
+  `ORP_CONFIG` file afresh, and stops the old ones gracefully (their streams finish). With a
+  file, the master first runs the start-up checks on it: a failing one is logged and nothing
+  changes.
 """
 
 from __future__ import annotations
@@ -154,6 +158,37 @@ def on_starting(server: Any) -> None:
 def when_ready(server: Any) -> None:
     server.log.info("ORP settings: %s", _settings.summary())
     server.log.info("Prometheus multiprocess directory: %s", _metrics_dir)
+    if _settings.config_file:
+        _check_before_reload(server)
+
+
+def _loadable_config() -> None:
+    """The start-up checks on what a new worker will load (the settings with the `ORP_CONFIG`
+    file, the key files); ConfigError if any of it is unusable."""
+    from orp_proxy.ops.preflight import check_settings
+
+    check_settings(load_settings())
+
+
+def _check_before_reload(server: Any) -> None:
+    """Wrap the master's SIGHUP handling: new workers only for a configuration that loads.
+
+    Otherwise every new worker would fail to boot, and gunicorn stops altogether when one
+    does; the old workers (and their streams) would be gone with it."""
+    reload = server.handle_hup
+
+    def handle_hup() -> None:
+        try:
+            _loadable_config()
+        except ConfigError as exc:
+            server.log.error("SIGHUP: %s; keeping the running configuration and workers", exc)
+            return
+        server.log.info("SIGHUP: configuration checked; new workers start with it, the old "
+                        "ones finish their requests")
+        reload()
+
+    # The arbiter looks its handlers up on the instance at each signal.
+    server.handle_hup = handle_hup
 
 
 def post_worker_init(worker: Any) -> None:
