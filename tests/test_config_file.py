@@ -165,3 +165,12 @@ def test_config_check_as_a_command(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.strip() == (f"orp-proxy: {path}: routing.retires: unknown key "
                                    "(did you mean 'retries'?)")
+
+
+def test_a_file_of_models_excludes_the_single_upstream_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    load_settings({"ORP_CONFIG": path}).check_upstream()
+    for name, value in (("ORP_UPSTREAM_URL", "http://127.0.0.1:1/v1"),
+                        ("ORP_MOCK_UPSTREAM", "true")):
+        with pytest.raises(ConfigError, match=f"{name} is set, but the ORP_CONFIG file"):
+            load_settings({"ORP_CONFIG": path, name: value}).check_upstream()
