@@ -15,6 +15,7 @@ from typing import Any
 from orp_proxy.config import Quirks, Settings
 from orp_proxy.errors import SERVER_ERROR, ApiError
 from orp_proxy.exchange import Exchange, Persistence
+from orp_proxy.protocol.calls import check_outputs_answer_calls
 from orp_proxy.protocol.clients import reasoning_event_style
 from orp_proxy.protocol.resource import build_response, usage_from_chat
 from orp_proxy.protocol.summaries import REASONING, replay_sealed
@@ -97,6 +98,7 @@ async def warm_up(gateway: Gateway, body: dict[str, Any], *, owner: str,
     that the next turn can continue from it with only its new items."""
     model = _model(gateway, body)
     new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
+    check_outputs_answer_calls(history, new_items)
     # Bad sealed blobs fail now, as they would on a generating turn.
     replay_sealed(gateway.compaction, owner, history, new_items)
     transcoder = Transcoder(build_response(body, model=model))
@@ -166,6 +168,7 @@ async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
 
     check_model(gateway, model)
     new_items = await resolve_references(gateway, owner, normalize_input(body.get("input")))
+    check_outputs_answer_calls(history, new_items)
     # Compaction items go upstream as the summaries they seal, reasoning items with the text
     # their blob seals; the store keeps them as the client sent them.
     context = replay_sealed(gateway.compaction, owner, history, new_items)
