@@ -573,3 +573,37 @@ async def test_each_turn_gets_its_own_access_line(proxy: Proxy, mock: MockUpstre
     assert turns[0]["response_id"] == final(answered)["id"]
     assert turns[1]["error_code"] == "invalid_type"
     assert "sk-never-logged" not in caplog.text
+
+
+async def test_a_normally_closed_connection_is_not_a_client_hang_up(
+        proxy: Proxy, mock: MockUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    """The client closes with 1000 after its turn: the upgrade's line says 101, not 499."""
+    import logging
+
+    from orp_proxy.ops.metrics import REQUESTS
+
+    def count(status: str) -> float:
+        return REQUESTS.labels("/v1/responses", status, "false")._value.get()
+
+    hang_ups, upgrades = count("499"), count("101")
+    caplog.set_level(logging.INFO, logger="orp.access")
+    mock.enqueue(Scenario(chunks=text_chunks(["ok"])))
+    async with proxy.session.ws_connect(ws_url(proxy),
+                                        headers={"X-Request-Id": "conn-closed"}) as ws:
+        answered = await turn(ws, input="first")
+        await ws.close()
+    assert answered[-1]["type"] == "response.completed"
+
+    def upgrade_line() -> dict[str, Any] | None:
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "orp.access"]
+        found = [x for x in lines if x["request_id"] == "conn-closed"]
+        return found[0] if found else None
+
+    for _ in range(200):
+        if upgrade_line() is not None:
+            break
+        await asyncio.sleep(0.01)
+    line = upgrade_line()
+    assert line is not None and line["method"] == "GET"
+    assert line["status"] == 101 and "error_code" not in line, line
+    assert (count("499"), count("101")) == (hang_ups, upgrades + 1)

@@ -38,7 +38,12 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from orp_proxy.errors import SERVER_ERROR, ApiError
 from orp_proxy.exchange import ClientGone
 from orp_proxy.http.request import credential, request_id
-from orp_proxy.ops.access import CLIENT_CLOSED, AccessRecord, write_access_line
+from orp_proxy.ops.access import (
+    CLIENT_CLOSED,
+    WEBSOCKET_CLOSED,
+    AccessRecord,
+    write_access_line,
+)
 from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
 from orp_proxy.pipeline import is_prewarm, load_history, start_exchange, warm_up
 from orp_proxy.protocol.sse import json_bytes
@@ -154,6 +159,8 @@ class _Connection:
             elif msg.type == WSMsgType.ERROR:
                 log.debug("websocket %s: %s", self.request_id, self.ws.exception())
                 return
+        # The iteration ends on the client's close frame: a normal end of the connection.
+        self.request[WEBSOCKET_CLOSED] = True
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -350,6 +357,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     finally:
         with contextlib.suppress(Exception):
             await ws.close()
+    if ws.closed and ws.close_code is not None and ws.close_code != WSCloseCode.ABNORMAL_CLOSURE:
+        request[WEBSOCKET_CLOSED] = True
     return ws
 
 

@@ -49,6 +49,9 @@ class AccessRecord:
 
 
 ACCESS = web.RequestKey("orp_access", AccessRecord)
+WEBSOCKET_CLOSED = web.RequestKey("orp_websocket_closed", bool)
+"""Set on an upgrade request once its WebSocket closed by handshake: the peer dropping the TCP
+connection after that (which cancels the handler) is the normal end, not a hang-up."""
 
 
 def incoming_request_id(request: web.BaseRequest) -> str:
@@ -163,7 +166,8 @@ async def access_middleware(request: web.Request,
         error_code = None if status < 400 else HTTP_ERROR_CODES.get(status, f"http_{status}")
         raise
     except (asyncio.CancelledError, ConnectionResetError):
-        status, error_code = CLIENT_CLOSED, None
+        status = 101 if request.get(WEBSOCKET_CLOSED) else CLIENT_CLOSED
+        error_code = None
         raise
     finally:
         try:
