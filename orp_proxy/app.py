@@ -20,6 +20,7 @@ from orp_proxy.config import Settings, load_settings, upstream_key
 from orp_proxy.http.middleware import error_middleware
 from orp_proxy.http.routes import setup_routes
 from orp_proxy.ops.access import access_middleware, setup_access_log
+from orp_proxy.ops.admission import setup_admission
 from orp_proxy.ops.auth import setup_auth
 from orp_proxy.ops.health import setup_health
 from orp_proxy.ops.keepalive import streams_ctx
@@ -141,6 +142,7 @@ def build_app(settings: Settings) -> web.Application:
                           handler_args={"handler_cancellation": True})
     app[SETTINGS] = settings
     setup_auth(app, settings)  # after error_middleware, so 401s leave as error objects
+    setup_admission(app, settings.max_inflight_bytes, settings.max_concurrent_responses)
     # aiosqlite logs every statement with its parameters (response content) at DEBUG: content
     # must stay out of the logs even with ORP_LOG_LEVEL=debug.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)

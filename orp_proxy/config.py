@@ -206,6 +206,21 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between purges of expired stored responses.", metavar="SECONDS"),
     Setting("max_body_bytes", "ORP_MAX_BODY_BYTES", _positive_int,
             "Largest request body accepted (bytes); larger gets 413.", metavar="BYTES"),
+    Setting("body_read_timeout", "ORP_BODY_READ_TIMEOUT", _positive_float,
+            "Seconds a client may take to send a request body; slower gets 408 (a body "
+            "trickled byte by byte would otherwise hold its handler forever).",
+            metavar="SECONDS"),
+    Setting("max_inflight_bytes", "ORP_MAX_INFLIGHT_BYTES", _non_negative_int,
+            "Most request-body bytes one worker holds at once (HTTP bodies and WebSocket "
+            "messages in progress or queued; a request costs several times its body while it "
+            "runs); past it 503 with Retry-After. 0: no cap.", metavar="BYTES"),
+    Setting("max_concurrent_responses", "ORP_MAX_CONCURRENT_RESPONSES", _non_negative_int,
+            "Most responses (HTTP requests and WebSocket turns) one worker runs at once; past "
+            "it 503 with Retry-After. 0: no cap.", metavar="N"),
+    Setting("ws_max_queued_bytes", "ORP_WS_MAX_QUEUED_BYTES", _positive_int,
+            "Bytes of client messages one WebSocket connection may queue behind its running "
+            "turn (one message is always taken); beyond it ORP stops reading the socket.",
+            metavar="BYTES"),
     Setting("ws_max_age_seconds", "ORP_WS_MAX_AGE_SECONDS", _positive_float,
             "Lifetime of a WebSocket connection (seconds); then it is closed with "
             "'websocket_connection_limit_reached'.", metavar="SECONDS"),
@@ -329,6 +344,10 @@ class Settings:
     store_ttl_seconds: float = 30 * 24 * 3600.0
     purge_interval: float = 300.0
     max_body_bytes: int = 32 * 1024 * 1024
+    body_read_timeout: float = 60.0
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    max_concurrent_responses: int = 4096
+    ws_max_queued_bytes: int = 8 * 1024 * 1024
     ws_max_age_seconds: float = 3600.0
     model_map: Mapping[str, str] = field(default_factory=dict)
     default_model: str | None = None

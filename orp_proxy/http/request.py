@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import ujson
@@ -9,8 +10,10 @@ from aiohttp import web
 
 from orp_proxy.errors import ApiError
 from orp_proxy.ops.access import ACCESS, incoming_request_id
+from orp_proxy.ops.admission import ADMISSION
 from orp_proxy.ops.auth import bearer_token
 from orp_proxy.protocol.sse import json_bytes
+from orp_proxy.state import GATEWAY
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
@@ -24,18 +27,32 @@ def error_response(error: ApiError) -> web.Response:
 
 
 async def read_json_body(request: web.Request, limit: int) -> Any:
-    """The body parsed as JSON, with 415 / 413 / 400 for the wrong kind of body."""
+    """The body parsed as JSON, with 415 / 413 / 400 for the wrong kind of body, 408 for one
+    that does not arrive within `ORP_BODY_READ_TIMEOUT`, and 503 past the worker's cap on
+    request bytes in flight (the reservation lasts until the request ends)."""
     if request.content_type != "application/json":
         raise ApiError(415, "Request bodies must be JSON with 'Content-Type: application/json' "
                        f"(got '{request.content_type}').", code="unsupported_media_type")
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
                        code="request_too_large")
+    admission = request.app.get(ADMISSION)
+    if admission is not None and request.content_length is not None:
+        admission.reserve_body(request, request.content_length)
+    timeout = request.app[GATEWAY].settings.body_read_timeout if GATEWAY in request.app \
+        else None
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
                        code="request_too_large") from None
+    except TimeoutError:
+        # The rest of the body may still trickle in: the connection cannot be reused.
+        raise ApiError(408, f"The request body did not arrive within {timeout:g} seconds.",
+                       code="request_timeout", headers={"Connection": "close"}) from None
+    if admission is not None and request.content_length is None:
+        admission.reserve_body(request, len(raw))  # chunked: its size is known only now
     try:
         return ujson.loads(raw)
     except (ValueError, OverflowError, RecursionError) as exc:

@@ -7,10 +7,11 @@ and leave the connection open.
 
 Two tasks per connection: a reader that queues client messages (so a close from the client is
 seen mid-turn, which then interrupts the turn), and a worker that runs the queued turns strictly
-in order. The queue is short: beyond it the reader stops reading and TCP flow control holds the
-client back, so memory per connection stays bounded. While the queue is full, a close frame is
-read only once the worker takes the next message; a dropped connection still ends the turn at
-once, since it cancels the handler.
+in order. The queue is short (4 messages, `ORP_WS_MAX_QUEUED_BYTES` in all): beyond it the reader
+stops reading and TCP flow control holds the client back, so memory per connection stays bounded.
+While the queue is full, a close frame is read only once the worker takes the next message; a
+dropped connection still ends the turn at once, since it cancels the handler. Each turn takes a
+slot of the worker's admission caps like an HTTP request (a 503 envelope past them).
 
 Connection-local state keeps the latest responses of the connection with their whole context,
 so `store: false` conversations continue on the same socket without the database; other ids
@@ -44,6 +45,7 @@ from orp_proxy.ops.access import (
     AccessRecord,
     write_access_line,
 )
+from orp_proxy.ops.admission import ADMISSION, Admission
 from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
 from orp_proxy.pipeline import is_prewarm, load_history, start_exchange, warm_up
 from orp_proxy.protocol.sse import json_bytes
@@ -128,6 +130,11 @@ class _Connection:
         self.recent = _Recent(CACHED_RESPONSES)
         # Client messages; None asks the worker to stop (server shutdown).
         self.queue: asyncio.Queue[str | bytes | None] = asyncio.Queue(QUEUED_TURNS)
+        # Size of the queued messages (len: bytes, or characters of text), at most
+        # ORP_WS_MAX_QUEUED_BYTES unless a single message is larger; `room` wakes the reader.
+        self.queued_bytes = 0
+        self.room = asyncio.Event()
+        self.admission = request.app.get(ADMISSION) or Admission(0, 0)
         self.turns = 0
         self.stopping = False  # the server is shutting down
         self.closing = False  # the worker is closing the connection itself
@@ -153,8 +160,15 @@ class _Connection:
             await asyncio.gather(worker, reader, return_exceptions=True)
 
     async def _read(self) -> None:
+        cap = self.gateway.settings.ws_max_queued_bytes
         async for msg in self.ws:
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                size = len(msg.data)
+                # Beyond the cap the reader stops reading: TCP holds the client back.
+                while self.queued_bytes and self.queued_bytes + size > cap:
+                    self.room.clear()
+                    await self.room.wait()
+                self.queued_bytes += size
                 await self.queue.put(msg.data)
             elif msg.type == WSMsgType.ERROR:
                 log.debug("websocket %s: %s", self.request_id, self.ws.exception())
@@ -175,6 +189,9 @@ class _Connection:
                         data = await self.queue.get() if not self.stopping else None
                 except TimeoutError:
                     break
+                if data is not None:
+                    self.queued_bytes -= len(data)
+                    self.room.set()
                 if data is None:
                     self.closing = True
                     await self.ws.close(code=WSCloseCode.GOING_AWAY,
@@ -226,7 +243,12 @@ class _Connection:
         record = AccessRecord(f"{self.request_id}.{self.turns}", time.monotonic(), stream=True)
         status, error_code = 200, None
         try:
-            error = await self._run_turn(data, record)
+            try:
+                with self.admission.response(len(data)):
+                    error = await self._run_turn(data, record)
+            except ApiError as busy:  # only the admission raises: _run_turn returns its errors
+                await self._fail(busy, None)
+                error = busy
             if error is not None:
                 status, error_code = error.status, error.code or f"http_{error.status}"
         except (ClientGone, asyncio.CancelledError):
