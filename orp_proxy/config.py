@@ -243,6 +243,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_tokens_field", "ORP_MAX_TOKENS_FIELD",
             _choice("max_tokens", "max_completion_tokens"),
             "Upstream field that carries max_output_tokens.", metavar="FIELD"),
+    Setting("models_cache_seconds", "ORP_MODELS_CACHE_SECONDS", _non_negative_float,
+            "How long each worker reuses the upstream's model list for GET /v1/models "
+            "(seconds); 0 asks the upstream every time.", metavar="SECONDS"),
     Setting("forward_fields", "ORP_UPSTREAM_FORWARD", _field_set,
             "Optional Chat Completions fields sent upstream when the request sets them "
             "(comma-separated: prompt_cache_key, safety_identifier, user, verbosity, "
@@ -357,6 +360,7 @@ class Settings:
     developer_role: str = "system"
     max_tokens_field: str = "max_tokens"
     forward_fields: frozenset[str] = frozenset(FORWARDABLE_FIELDS)
+    models_cache_seconds: float = 10.0
     reasoning_events: str = "auto"
     upstream_reasoning_field: str = "both"
     thinking_kwarg: str | None = None

@@ -7,6 +7,7 @@ use). With one upstream: its list, plus the aliases.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import aiohttp
@@ -52,6 +53,31 @@ async def _upstream_models(request: web.Request) -> list[dict[str, Any]]:
             if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
+# The upstream's list per credential that fetched it (pass-through keys may see different
+# lists): (monotonic time fetched, models). Clients probe /v1/models often; backends' lists
+# change only when a model is loaded.
+_CACHE = web.AppKey("orp_models_cache", dict[str | None, tuple[float, list[dict[str, Any]]]])
+
+
+async def _cached_upstream_models(request: web.Request) -> list[dict[str, Any]]:
+    ttl = request.app[GATEWAY].settings.models_cache_seconds
+    cache = request.app[_CACHE]
+    key = request.get(UPSTREAM_AUTHORIZATION)
+    now = time.monotonic()
+    hit = cache.get(key)
+    if hit is not None and now - hit[0] < ttl:
+        return hit[1]
+    data = await _upstream_models(request)
+    if ttl > 0:
+        if len(cache) >= _CACHE_ENTRIES:
+            cache.clear()  # many pass-through keys: start over rather than grow
+        cache[key] = (now, data)
+    return data
+
+
+_CACHE_ENTRIES = 256
+
+
 async def list_models(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     router = gateway.router
@@ -62,7 +88,13 @@ async def list_models(request: web.Request) -> web.StreamResponse:
         data.extend(_model(alias) for alias, target in aliases.items()
                     if target in names and alias not in names)
     else:
-        data = await _upstream_models(request)
+        data = list(await _cached_upstream_models(request))
         listed = {m["id"] for m in data}
         data.extend(_model(alias) for alias in aliases if alias not in listed)
     return json_response({"object": "list", "data": data})
+
+
+def setup_models(app: web.Application) -> None:
+    """Route `GET /v1/models`, with the worker's cache of the upstream's list."""
+    app[_CACHE] = {}
+    app.router.add_get("/v1/models", list_models)

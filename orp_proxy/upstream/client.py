@@ -471,6 +471,11 @@ class UpstreamClient:
         self._timeout = timeout
         self._draining: set[asyncio.Task[None]] = set()
 
+    @property
+    def scrub(self) -> Scrub | None:
+        """What cleans this upstream's error messages for clients (None: verbatim)."""
+        return self._scrub
+
     def endpoint(self, name: str) -> str:
         """The URL of `name` (`models`, `chat/completions`) under the base URL; a query on
         the base URL (e.g. `?api-version=`) is kept."""

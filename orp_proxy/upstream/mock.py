@@ -508,6 +508,8 @@ class MockUpstream:
         self.interval_ms = interval_ms
         self.bench_tokens = bench_tokens
         self.requests: list[RecordedRequest] = []
+        self.tokenize_requests: list[dict[str, Any]] = []
+        self.model_listings = 0  # GET /v1/models answered
         self._queue: deque[Scenario] = deque()
         self._closing = False
         self._ids = itertools.count(1)
@@ -527,6 +529,8 @@ class MockUpstream:
         """Forget queued scenarios and recorded requests."""
         self._queue.clear()
         self.requests.clear()
+        self.tokenize_requests.clear()
+        self.model_listings = 0
 
     # The documented API takes a timeout (callers must not need asyncio.timeout around it).
     async def wait_for_disconnect(self, index: int = -1, timeout: float = 5.0) -> float:  # noqa: ASYNC109
@@ -555,6 +559,7 @@ class MockUpstream:
         app[MOCK_UPSTREAM_KEY] = self
         app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_get("/v1/models", self._handle_models)
+        app.router.add_post("/tokenize", self._handle_tokenize)
         app.router.add_get("/health", self._handle_health)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
@@ -570,7 +575,23 @@ class MockUpstream:
     async def _handle_health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def _handle_tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's chat form of `/tokenize`: the count is the `prompt_tokens` a chat request
+        with the same messages would report."""
+        try:
+            body = ujson.loads(await request.read())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return web.json_response({"error": {"message": "messages required",
+                                                "type": "invalid_request_error"}}, status=400)
+        self.tokenize_requests.append(body)
+        count = _prompt_words(body["messages"])
+        return web.json_response({"count": count, "max_model_len": 32768,
+                                  "tokens": list(range(count))})
+
     async def _handle_models(self, request: web.Request) -> web.Response:
+        self.model_listings += 1
         data = [
             {"id": name, "object": "model", "created": DEFAULT_CREATED, "owned_by": "orp-mock"}
             for name in KNOWN_MODELS
