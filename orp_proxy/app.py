@@ -1,8 +1,8 @@
 """The application factory: `orp_proxy.app:create_app` (gunicorn) and `orp-proxy serve`.
 
-Per-worker resources live in `cleanup_ctx`: one `ClientSession` for all upstream streaming, one
-SQLite connection, the periodic purge of expired responses, and (with no upstream configured)
-the bundled mock upstream on a loopback port.
+Per-worker resources live in `cleanup_ctx`: one `ClientSession` for all upstream streaming, the
+store (one SQLite connection, or a small PostgreSQL pool), the periodic purge of expired
+responses, and (with no upstream configured) the bundled mock upstream on a loopback port.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from orp_proxy.ops.metrics import TimedStore, setup_metrics
 from orp_proxy.protocol.validation import RequestLimits
 from orp_proxy.routing import Router, Routes, SingleUpstream
 from orp_proxy.state import GATEWAY, Gateway
-from orp_proxy.store.sqlite import SQLiteStore
+from orp_proxy.store.factory import open_store
 from orp_proxy.upstream.client import RetryPolicy, UpstreamClient
 from orp_proxy.upstream.scrub import Scrubber
 
@@ -73,8 +73,7 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
                 connect_timeout=settings.connect_timeout)
             router = SingleUpstream(upstream, settings.quirks, settings.upstream_model)
         opened.push_async_callback(router.close)  # before the session closes
-        store = await SQLiteStore.open(settings.db_path,
-                                       owner_secret=settings.resolved_owner_secret())
+        store = await open_store(settings)
         opened.push_async_callback(store.close)
         limits = RequestLimits(max_input_items=settings.max_input_items,
                                max_tools=settings.max_tools)

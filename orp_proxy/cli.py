@@ -70,9 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("settings", help="print the effective settings (secrets hidden)")
     _add_setting_flags(show)
     store = commands.add_parser("store", help="inspect and maintain the response store")
-    store.add_argument("action", choices=["stats", "purge", "vacuum"],
+    store.add_argument("action", choices=["stats", "purge", "vacuum", "migrate", "status",
+                                          "copy"],
                        help="stats: counts and sizes; purge: delete expired responses now; "
-                            "vacuum: checkpoint the WAL and compact the file")
+                            "vacuum: compact (SQLite: checkpoint the WAL and rebuild the file; "
+                            "PostgreSQL: VACUUM ANALYZE); migrate: bring the schema up to date "
+                            "(also done at start-up); status: schema version and pending "
+                            "migrations, changing nothing; copy: move every response from "
+                            "--from to the empty store --to")
+    store.add_argument("--from", dest="copy_from", metavar="URL",
+                       help="copy: the store to read (sqlite:///PATH or postgresql://...)")
+    store.add_argument("--to", dest="copy_to", metavar="URL",
+                       help="copy: the empty store to fill (created or migrated first)")
     _add_setting_flags(store)
     config = commands.add_parser("config", help="validate a configuration file (ORP_CONFIG)")
     config.add_argument("action", choices=["check"], help="check: validate FILE completely "
@@ -154,12 +163,25 @@ def _announce(log: logging.Logger, text: str) -> None:
     log.info("%s", first.strip("= ").replace("Running on", "listening on"))
 
 
-async def _store_action(settings: Settings, action: str) -> dict[str, Any]:
-    from orp_proxy.store.sqlite import SQLiteStore
+async def _store_action(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    from orp_proxy.config import parse_store_url
+    from orp_proxy.store import factory
 
-    store = await SQLiteStore.open(settings.db_path,
-                                     owner_secret=settings.resolved_owner_secret())
+    action = args.action
+    if action == "status":
+        return await factory.schema_status(settings)
+    if action == "copy":
+        if not args.copy_from or not args.copy_to:
+            raise ConfigError("store copy needs --from URL and --to URL")
+        try:
+            source, destination = parse_store_url(args.copy_from), parse_store_url(args.copy_to)
+        except ValueError as exc:
+            raise ConfigError(f"store copy: {exc}") from None
+        return await factory.copy_store(settings, source, destination)
+    store = await factory.open_store(settings)
     try:
+        if action == "migrate":
+            return await factory.schema_status(settings)
         if action == "purge":
             return {"purged": await store.purge_expired()}
         if action == "vacuum":
@@ -193,11 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import json
 
+        from orp_proxy.store import StoreUnavailable
+
         try:
-            print(json.dumps(asyncio.run(_store_action(settings, args.action)), indent=2))
+            result = asyncio.run(_store_action(settings, args))
         except ConfigError as exc:
             print(f"orp-proxy: {exc}", file=sys.stderr)
             return 2
+        except StoreUnavailable as exc:
+            print(f"orp-proxy: the store is unavailable: {exc.detail}", file=sys.stderr)
+            return 1
+        print(json.dumps(result, indent=2))
     return 0
 
 

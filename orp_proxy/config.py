@@ -148,11 +148,85 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _store_url(raw: str) -> str | None:
+    if not raw.strip():
+        return None
+    parse_store_url(raw)
+    return raw.strip()
+
+
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if not value >= 0 or value == float("inf"):
         raise ValueError("must be a finite number >= 0")
     return value
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """Where the response store lives: a SQLite file or a PostgreSQL database."""
+
+    backend: str  # "sqlite" | "postgresql"
+    path: str = ""  # sqlite: the file
+    dsn: str = ""  # postgresql: the URL as given (asyncpg reads it)
+
+    def shown(self) -> str:
+        """The target as it may be logged (a password in the URL is replaced)."""
+        return f"sqlite:///{self.path}" if self.backend == "sqlite" else redacted_store_url(
+            self.dsn)
+
+
+def parse_store_url(raw: str) -> StoreTarget:
+    """`sqlite:///relative/path`, `sqlite:////absolute/path` (SQLAlchemy's convention) or
+    `postgresql://user@host:port/database` (also `postgres://`). Errors never repeat the URL
+    (it may hold a password)."""
+    scheme, sep, rest = raw.strip().partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ValueError("expected a URL: sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+    if scheme == "sqlite":
+        if not rest.startswith("/") or not rest[1:]:
+            raise ValueError("a SQLite URL is sqlite:///relative/path or sqlite:////abs/path")
+        return StoreTarget("sqlite", path=rest[1:])
+    if scheme in ("postgresql", "postgres"):
+        try:
+            parts = urlsplit(raw.strip())
+            parts.port  # noqa: B018 - raises for a bad port
+        except ValueError:
+            raise ValueError("not a valid postgresql:// URL") from None
+        if not parts.hostname and "host=" not in parts.query:
+            raise ValueError("a postgresql:// URL needs a host")
+        return StoreTarget("postgresql", dsn=raw.strip())
+    raise ValueError(f"unsupported store URL scheme {scheme[:20]!r}: use sqlite or postgresql")
+
+
+_PASSWORD_PARAMS = ("password", "sslpassword", "passfile")
+
+
+def redacted_store_url(url: str) -> str:
+    """A database URL with its password (in the user information or the query) replaced."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<redacted>"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    netloc = f"{user}{':<redacted>' if colon else ''}@{host}" if at else host
+    query = "&".join(
+        f"{key}=<redacted>" if key.lower() in _PASSWORD_PARAMS else f"{key}{eq}{value}"
+        for key, eq, value in (pair.partition("=") for pair in parts.query.split("&") if pair))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def has_inline_password(url: str) -> bool:
+    """Whether a database URL carries a password itself (rather than in a file)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    if parts.password:
+        return True
+    return any(pair.partition("=")[0].lower() == "password" for pair in parts.query.split("&"))
 
 
 @dataclass(frozen=True)
@@ -165,6 +239,10 @@ class Setting:
     help: str
     secret: bool = False
     metavar: str = "VALUE"
+    # Other environment names read when `env` is unset.
+    aliases: tuple[str, ...] = ()
+    # How a raw value is shown in errors and `orp-proxy settings` (secrets: not at all).
+    show: Callable[[str], str] | None = None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -197,7 +275,29 @@ SETTINGS: tuple[Setting, ...] = (
             "config).", metavar="HOST"),
     Setting("port", "ORP_PORT", _port, "Port ORP listens on (`orp-proxy serve`, the gunicorn "
             "config).", metavar="PORT"),
-    Setting("db_path", "ORP_DB_PATH", str, "SQLite file of the response store.", metavar="PATH"),
+    Setting("db_path", "ORP_DB_PATH", str, "SQLite file of the response store (when "
+            "ORP_STORE_URL is unset).", metavar="PATH"),
+    Setting("store_url", "ORP_STORE_URL", _store_url,
+            "Where responses are stored: sqlite:///relative/path, sqlite:////absolute/path, "
+            "or postgresql://USER@HOST:PORT/DATABASE to share one database between hosts "
+            "(password from ORP_STORE_PASSWORD_FILE). Unset: SQLite at ORP_DB_PATH. Also read "
+            "from ORP_DATABASE_URL.", metavar="URL", aliases=("ORP_DATABASE_URL",),
+            show=redacted_store_url),
+    Setting("store_password_file", "ORP_STORE_PASSWORD_FILE", _optional_str,
+            "File holding the PostgreSQL password (first line); also read from the systemd "
+            "credential 'store_password'.", metavar="PATH"),
+    Setting("store_pool_size", "ORP_STORE_POOL_SIZE", _positive_int,
+            "Most PostgreSQL connections per worker (see README, Several hosts).",
+            metavar="N"),
+    Setting("store_connect_timeout", "ORP_STORE_CONNECT_TIMEOUT", _positive_float,
+            "Seconds to open a PostgreSQL connection; then the request fails with 503 "
+            "store_unavailable.", metavar="SECONDS"),
+    Setting("store_statement_timeout", "ORP_STORE_STATEMENT_TIMEOUT", _positive_float,
+            "Seconds one PostgreSQL statement may take; then it is cancelled and the request "
+            "fails with 503 store_unavailable.", metavar="SECONDS"),
+    Setting("store_statement_cache", "ORP_STORE_STATEMENT_CACHE", _non_negative_int,
+            "Prepared statements cached per PostgreSQL connection; 0 behind PgBouncer in "
+            "transaction mode.", metavar="N"),
     Setting("store_ttl_seconds", "ORP_STORE_TTL_SECONDS", _non_negative_float,
             "How long a stored response stays readable (seconds; a live response that continues "
             "from it keeps its content as context); 0 keeps them forever.",
@@ -344,6 +444,12 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     db_path: str = "./orp.sqlite3"
+    store_url: str | None = None
+    store_password_file: str | None = None
+    store_pool_size: int = 4
+    store_connect_timeout: float = 5.0
+    store_statement_timeout: float = 10.0
+    store_statement_cache: int = 100
     store_ttl_seconds: float = 30 * 24 * 3600.0
     purge_interval: float = 300.0
     max_body_bytes: int = 32 * 1024 * 1024
@@ -416,6 +522,17 @@ class Settings:
     def resolved_compaction_key(self) -> str | None:
         return _secret(self.compaction_key, None, "compaction_key")
 
+    def store_target(self) -> StoreTarget:
+        """The store from ORP_STORE_URL, or SQLite at ORP_DB_PATH."""
+        if self.store_url:
+            return parse_store_url(self.store_url)
+        return StoreTarget("sqlite", path=self.db_path)
+
+    def resolved_store_password(self) -> str | None:
+        """The PostgreSQL password from its file or the systemd credential 'store_password'
+        (None: the URL's own, or asyncpg's PGPASSWORD / ~/.pgpass)."""
+        return _secret(None, self.store_password_file, "store_password")
+
     def redacted(self) -> dict[str, Any]:
         """Settings safe to log: secrets replaced by a marker, and the upstream URL without
         its user information and query (either may hold a key)."""
@@ -426,6 +543,8 @@ class Settings:
                 value = "<redacted>"
             elif setting.field == "upstream_url" and value:
                 value = redacted_url(value)
+            elif setting.show is not None and isinstance(value, str):
+                value = setting.show(value)
             out[setting.field] = dict(value) if isinstance(value, Mapping) else value
         return out
 
@@ -576,6 +695,9 @@ def load_settings(
     file = load_config_file(path) if path else None
     for setting in SETTINGS:
         raw = env.get(setting.env)
+        for alias in setting.aliases:
+            if raw is None:
+                raw = env.get(alias)
         if raw is None and file is not None:
             raw = file.settings.get(setting.field)
         if overrides is not None and overrides.get(setting.field) is not None:
@@ -587,7 +709,7 @@ def load_settings(
         except (ValueError, TypeError) as exc:
             shown = ("<redacted>" if setting.secret
                      else repr(redacted_url(raw)) if setting.field == "upstream_url"
-                     else repr(raw))
+                     else repr(setting.show(raw)) if setting.show is not None else repr(raw))
             where = (f"{file.path}: settings.{setting.field}" if file is not None
                      and env.get(setting.env) is None and setting.field in file.settings
                      and not (overrides or {}).get(setting.field) else setting.env)

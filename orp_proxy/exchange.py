@@ -17,18 +17,19 @@ from typing import Any, Protocol
 
 from orp_proxy.errors import INVALID_REQUEST, MODEL_ERROR, SERVER_ERROR, ApiError
 from orp_proxy.protocol.transcoder import Event, StreamFailure, ToolNotAllowed, Transcoder
-from orp_proxy.store import ResponseStore, StoredResponse
+from orp_proxy.store import ResponseStore, StoredResponse, StoreUnavailable
 from orp_proxy.upstream.client import UpstreamStream, UpstreamStreamError
 
 log = logging.getLogger("orp.exchange")
 
 # HTTP status and error type for a JSON-mode response that failed, by error code. The spec's
 # table gives `model_error` 500; failures of the gateway itself are 500 too; a context the
-# model cannot hold is the request's fault (400); everything else failed upstream of us
+# model cannot hold is the request's fault (400); a store that is away (restarting, failing
+# over) is 503, as when a request needs it up front; everything else failed upstream of us
 # (502, 504 for a timeout).
 _FAILURE_STATUS = {"upstream_timeout": 504, "store_failed": 500, "internal_error": 500,
-                   "tool_not_allowed": 500, "context_length_exceeded": 400}
-_FAILURE_TYPE = {"tool_not_allowed": MODEL_ERROR, "context_length_exceeded": INVALID_REQUEST}
+                   "tool_not_allowed": 500, "context_length_exceeded": 400,
+                   "store_unavailable": 503}
 
 class ClientGone(Exception):
     """Delivering events failed: the client closed the connection or it broke."""
@@ -125,14 +126,19 @@ class Exchange:
             await asyncio.shield(self._save())
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("storing response %s failed", self.transcoder.response["id"])
+        except Exception as exc:
+            if isinstance(exc, StoreUnavailable):  # logged by the store, once per failure
+                code, message = ("store_unavailable", "The response store is unavailable; "
+                                 "the response was not saved. Try again shortly.")
+            else:
+                log.exception("storing response %s failed", self.transcoder.response["id"])
+                code = "store_failed"
+                message = "The response could not be stored; it was not saved."
             if events and events[-1]["type"] != "response.failed":
                 # The client must not be told "completed" for a response it cannot continue.
                 events.pop()
                 self.transcoder.retract_terminal()
-                self.transcoder.fail("store_failed",
-                                     "The response could not be stored; it was not saved.")
+                self.transcoder.fail(code, message)
                 events.extend(self.transcoder.take())
         return events
 

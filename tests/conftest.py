@@ -1,9 +1,10 @@
-"""Shared fixtures: a scripted mock upstream and a real ORP server, both on 127.0.0.1."""
+"""Shared fixtures: a scripted mock upstream and a real ORP server, both on 127.0.0.1, and the
+response store's backends (SQLite, and a real PostgreSQL server from `tests/pg.py`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from multidict import CIMultiDict
 from orp_proxy.app import build_app
 from orp_proxy.config import Settings
 from orp_proxy.upstream.mock import MockUpstream
+from tests import pg
 from tests.sse_check import parse_sse
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -87,3 +89,32 @@ async def start_proxy(aiohttp_server: ServerFactory
 async def proxy(start_proxy: Callable[[Settings], Awaitable[Proxy]], settings: Settings
                 ) -> Proxy:
     return await start_proxy(settings)
+
+
+# -- store backends ------------------------------------------------------------------------
+
+STORE_BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg.Cluster]:
+    """One PostgreSQL server for the session (skipped, or failed under CI, without one)."""
+    with pg.running_cluster(pg.require_postgres()) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(pg_cluster: pg.Cluster) -> Iterator[str]:
+    """A fresh database of its own on the session's server, dropped after the test."""
+    name = pg_cluster.create_database()
+    yield pg_cluster.url(name)
+    pg_cluster.drop_database(name)
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """`ORP_STORE_URL` of an empty store, once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'orp.sqlite3'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url

@@ -1,5 +1,6 @@
 """Stored responses end to end: context replay, the stored-response endpoints, owners,
-durability and retention, through a listening ORP with the `openai` SDK and raw HTTP.
+durability and retention, through a listening ORP with the `openai` SDK and raw HTTP; every
+test runs once on SQLite and once on PostgreSQL.
 
 What the upstream saw is read from the mock's recorded request bodies, so every replay test
 asserts the exact Chat Completions `messages` the lineage turned into.
@@ -16,7 +17,6 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,10 @@ import openresponses_types.types as ort
 import pytest
 
 from orp_proxy.app import SETTINGS
-from orp_proxy.config import Settings
+from orp_proxy.config import Settings, StoreTarget
 from orp_proxy.state import GATEWAY
+from orp_proxy.store.factory import open_store
+from orp_proxy.store.postgres import PostgresStore
 from orp_proxy.store.sqlite import SQLiteStore, StoredResponse
 from orp_proxy.upstream.mock import (
     MockUpstream,
@@ -38,6 +40,7 @@ from orp_proxy.upstream.mock import (
     usage_dict,
 )
 from tests.conftest import Proxy
+from tests.pg import store_rows
 from tests.sse_check import check_response_object
 
 StartProxy = Callable[[Settings], Awaitable[Proxy]]
@@ -111,14 +114,27 @@ def assert_previous_not_found(exc: openai.APIStatusError, previous_id: str) -> N
     assert previous_id in exc.message
 
 
-def rows(db_path: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    """Read the store's file directly (a second connection, as another process would)."""
-    with closing(sqlite3.connect(db_path)) as db:
-        return db.execute(sql, params).fetchall()
+@pytest.fixture
+def settings(settings: Settings, store_url: str) -> Settings:
+    """The shared settings with the store on each backend in turn."""
+    return dataclasses.replace(settings, store_url=store_url)
 
 
-def proxy_db(proxy: Proxy) -> str:
-    return proxy.server.app[SETTINGS].db_path
+async def rows(target: StoreTarget, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Read the store's database directly (a second connection, as another process would)."""
+    return await store_rows(target, sql, params)
+
+
+def proxy_db(proxy: Proxy) -> StoreTarget:
+    return proxy.server.app[SETTINGS].store_target()
+
+
+def patch_save(monkeypatch: pytest.MonkeyPatch,
+               make: Callable[[Callable[..., Awaitable[None]]], Callable[..., Awaitable[None]]]
+               ) -> None:
+    """Replace `save_response` of both backends by `make(original)`."""
+    for cls in (SQLiteStore, PostgresStore):
+        monkeypatch.setattr(cls, "save_response", make(cls.save_response))
 
 
 def messages_of(mock: MockUpstream, index: int = -1) -> list[dict[str, Any]]:
@@ -308,7 +324,7 @@ async def test_delete(sdk: Sdk, proxy: Proxy, mock: MockUpstream) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await client.responses.create(model="mock", input="x", previous_response_id=first.id)
     assert_previous_not_found(caught.value, first.id)
-    assert rows(proxy_db(proxy), "SELECT count(*) FROM items i JOIN responses r "
+    assert await rows(proxy_db(proxy), "SELECT count(*) FROM items i JOIN responses r "
                 "ON r.rid = i.response_rid WHERE r.id = ?", (first.id,)) == [(0,)]
 
     # The child survives its parent; its context starts after the gap.
@@ -431,14 +447,21 @@ async def test_owner_isolation(sdk: Sdk, start_proxy: StartProxy, settings: Sett
     assert [item.id for item in listed][:2] == [input_id, output_id]
 
     # The store keeps a keyed hash of the credential, never the credential itself.
-    db_path = proxy_db(proxy)
-    ((secret,),) = rows(db_path, "SELECT value FROM meta WHERE key = 'owner_secret'")
-    owners = {owner for (owner,) in rows(db_path, "SELECT DISTINCT owner FROM responses")}
+    db = proxy_db(proxy)
+    ((secret,),) = await rows(db, "SELECT value FROM meta WHERE key = 'owner_secret'")
+    owners = {owner for (owner,) in await rows(db, "SELECT DISTINCT owner FROM responses")}
     assert owners == {hmac.new(bytes.fromhex(secret), KEY_A.encode(), hashlib.sha256
                                ).hexdigest()}
-    files = [Path(db_path), Path(db_path + "-wal")]
-    blob = b"".join(path.read_bytes() for path in files if path.exists())
-    assert KEY_A.encode() not in blob and KEY_B.encode() not in blob
+    if db.backend == "sqlite":
+        files = [Path(db.path), Path(db.path + "-wal")]
+        blob = b"".join(path.read_bytes() for path in files if path.exists())
+        assert KEY_A.encode() not in blob and KEY_B.encode() not in blob
+    for key in (KEY_A, KEY_B):
+        assert await rows(db, "SELECT count(*) FROM responses r JOIN items i "
+                          "ON i.response_rid = r.rid WHERE r.response LIKE ? OR i.body LIKE ? "
+                          "OR r.owner LIKE ?", (f"%{key}%",) * 3) == [(0,)]
+        assert await rows(db, "SELECT count(*) FROM meta WHERE value LIKE ?",
+                          (f"%{key}%",)) == [(0,)]
 
 
 async def test_store_false_writes_nothing(sdk: Sdk, proxy: Proxy, mock: MockUpstream) -> None:
@@ -470,7 +493,7 @@ async def test_store_false_writes_nothing(sdk: Sdk, proxy: Proxy, mock: MockUpst
         await client.responses.create(
             model="mock", input=[{"type": "item_reference", "id": str(forgotten.output[0].id)}])
     assert caught.value.code == "item_not_found"
-    assert rows(proxy_db(proxy), "SELECT id FROM responses") == [(kept.id,)]
+    assert await rows(proxy_db(proxy), "SELECT id FROM responses") == [(kept.id,)]
 
 
 # -- durability ----------------------------------------------------------------------------
@@ -481,13 +504,15 @@ def slow_disk(monkeypatch: pytest.MonkeyPatch) -> float:
     """Every save takes 0.3 s longer: a response sent before its save committed would be
     found missing by an immediate follow-up."""
     delay = 0.3
-    original = SQLiteStore.save_response
 
-    async def slow_save(self: SQLiteStore, record: StoredResponse) -> None:
-        await asyncio.sleep(delay)
-        await original(self, record)
+    def make(original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        async def slow_save(self: Any, record: StoredResponse) -> None:
+            await asyncio.sleep(delay)
+            await original(self, record)
 
-    monkeypatch.setattr(SQLiteStore, "save_response", slow_save)
+        return slow_save
+
+    patch_save(monkeypatch, make)
     return delay
 
 
@@ -620,14 +645,14 @@ async def test_expired_responses_are_purged_on_their_own(
     client = sdk(proxy)
     before = time.time()
     created = await client.responses.create(model="mock", input="short-lived")
-    ((expires_at,),) = rows(settings.db_path, "SELECT expires_at FROM responses")
+    ((expires_at,),) = await rows(settings.store_target(), "SELECT expires_at FROM responses")
     assert before + 1.0 <= expires_at <= time.time() + 1.0
     deadline = time.monotonic() + 15
-    while rows(settings.db_path, "SELECT count(*) FROM responses") != [(0,)]:
+    while await rows(settings.store_target(), "SELECT count(*) FROM responses") != [(0,)]:
         assert time.monotonic() < deadline, "the purge never ran"
         await asyncio.sleep(0.05)
     assert time.time() >= expires_at  # not purged before its time
-    assert rows(settings.db_path, "SELECT count(*) FROM items") == [(0,)]
+    assert await rows(settings.store_target(), "SELECT count(*) FROM items") == [(0,)]
     with pytest.raises(openai.NotFoundError):
         await client.responses.retrieve(created.id)
     with pytest.raises(openai.BadRequestError) as caught:
@@ -643,7 +668,7 @@ async def test_an_expired_response_is_gone_before_the_purge(
     client = sdk(proxy)
     created = await client.responses.create(model="mock", input="short-lived")
     db_path = proxy_db(proxy)
-    ((expires_at, input_id),) = rows(
+    ((expires_at, input_id),) = await rows(
         db_path, "SELECT r.expires_at, i.item_id FROM responses r JOIN items i "
         "ON i.response_rid = r.rid AND i.kind = 0 WHERE r.id = ?", (created.id,))
     output_id = str(created.output[0].id)
@@ -663,7 +688,8 @@ async def test_an_expired_response_is_gone_before_the_purge(
                 model="mock", input=[{"type": "item_reference", "id": item_id}])
         assert (caught.value.param, caught.value.code) == ("input[0].id", "item_not_found")
     assert len(mock.requests) == 1  # every refusal came before the upstream
-    assert rows(db_path, "SELECT count(*) FROM responses WHERE id = ?", (created.id,)) == [(1,)]
+    assert await rows(db_path, "SELECT count(*) FROM responses WHERE id = ?",
+                      (created.id,)) == [(1,)]
 
 
 async def test_a_live_continuation_keeps_its_expired_turns(
@@ -682,7 +708,7 @@ async def test_a_live_continuation_keeps_its_expired_turns(
     await sdk(brief).responses.create(model="mock", input="lone again",
                                       previous_response_id=lone.id)
 
-    store = await SQLiteStore.open(settings.db_path)
+    store = await open_store(settings)
     try:
         assert await store.purge_expired(time.time() + 120) == 2
     finally:
@@ -690,7 +716,7 @@ async def test_a_live_continuation_keeps_its_expired_turns(
     client = sdk(lasting)
     await client.responses.create(model="mock", input="third", previous_response_id=second.id)
     assert messages_of(mock) == [*echo("first"), *echo("second"), user("third")]
-    assert rows(settings.db_path, "SELECT count(*) FROM responses") == [(3,)]
+    assert await rows(settings.store_target(), "SELECT count(*) FROM responses") == [(3,)]
 
 
 async def orp_proxy_cli(*args: str) -> Any:
@@ -717,16 +743,18 @@ async def test_store_purge_command(sdk: Sdk, start_proxy: StartProxy, settings: 
                                                         purge_interval=3600))
     kept = await sdk(long_lived).responses.create(model="mock", input="kept")
     doomed = await sdk(short_lived).responses.create(model="mock", input="doomed")
-    stats = await orp_proxy_cli("store", "stats", "--db-path", settings.db_path)
-    assert (stats["responses"], stats["items"], stats["journal_mode"]) == (2, 4, "wal")
+    url = ["--store-url", settings.store_url or ""]
+    stats = await orp_proxy_cli("store", "stats", *url)
+    assert (stats["responses"], stats["items"]) == (2, 4)
+    assert stats.get("journal_mode", "wal") == "wal"
     await asyncio.sleep(0.05)
-    assert await orp_proxy_cli("store", "purge", "--db-path", settings.db_path) == {"purged": 1}
-    assert await orp_proxy_cli("store", "purge", "--db-path", settings.db_path) == {"purged": 0}
+    assert await orp_proxy_cli("store", "purge", *url) == {"purged": 1}
+    assert await orp_proxy_cli("store", "purge", *url) == {"purged": 0}
     client = sdk(long_lived)
     with pytest.raises(openai.NotFoundError):
         await client.responses.retrieve(doomed.id)
     assert (await client.responses.retrieve(kept.id)).id == kept.id
-    stats = await orp_proxy_cli("store", "vacuum", "--db-path", settings.db_path)
+    stats = await orp_proxy_cli("store", "vacuum", *url)
     assert (stats["responses"], stats["items"]) == (1, 2)
     # The servers still read and write after the vacuum.
     fresh = await client.responses.create(model="mock", input="fresh",
@@ -765,10 +793,13 @@ async def test_incomplete_and_failed_responses_are_stored(sdk: Sdk, proxy: Proxy
 
 async def test_a_failed_save_is_never_reported_as_completed(
         sdk: Sdk, proxy: Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken_save(self: SQLiteStore, record: StoredResponse) -> None:
-        raise sqlite3.OperationalError("disk I/O error")
+    def make(original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        async def broken_save(self: Any, record: StoredResponse) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(SQLiteStore, "save_response", broken_save)
+        return broken_save
+
+    patch_save(monkeypatch, make)
     events, done = await proxy.stream({"model": "mock", "input": "x"}, headers=bearer())
     assert done and [e["type"] for e in events[-2:]] == ["error", "response.failed"]
     assert events[-1]["response"]["error"]["code"] == "store_failed"
@@ -790,7 +821,7 @@ async def test_interrupted_json_request_is_stored_incomplete(proxy: Proxy, mock:
                                json={"model": "mock", "input": "talk"})
     await mock.wait_for_disconnect(timeout=5.0)
     deadline = time.monotonic() + 5
-    while not (found := rows(proxy_db(proxy), "SELECT id, status FROM responses")):
+    while not (found := await rows(proxy_db(proxy), "SELECT id, status FROM responses")):
         assert time.monotonic() < deadline, "the interrupted response was never stored"
         await asyncio.sleep(0.02)
     ((response_id, status),) = found

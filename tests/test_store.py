@@ -1,4 +1,5 @@
-"""Tests of the SQLite response store (orp_proxy.store.sqlite)."""
+"""Tests of the response stores: the semantics on both backends (the `store` fixture is
+parametrised: SQLite, and a real PostgreSQL server), then each backend's own machinery."""
 
 from __future__ import annotations
 
@@ -16,9 +17,14 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
+from orp_proxy.config import Settings
+from orp_proxy.store import postgres as pg_module
 from orp_proxy.store import sqlite as store_module
+from orp_proxy.store.factory import open_store
+from orp_proxy.store.postgres import PostgresStore
 from orp_proxy.store.sqlite import SCHEMA_VERSION, ResponseStore, SQLiteStore, StoredResponse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,8 +87,8 @@ def record(
     )
 
 
-def count_write_transactions(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
-                             ) -> list[None]:
+def count_write_transactions(store: SQLiteStore | PostgresStore,
+                             monkeypatch: pytest.MonkeyPatch) -> list[None]:
     """A list that gets one entry per write transaction the store runs from now on."""
     seen: list[None] = []
     original = store._write
@@ -106,7 +112,17 @@ def db_path(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def store(db_path: str) -> AsyncIterator[SQLiteStore]:
+async def store(store_url: str) -> AsyncIterator[Any]:
+    """An empty store, once on each backend."""
+    opened = await open_store(Settings(store_url=store_url))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def sqlite_store(db_path: str) -> AsyncIterator[SQLiteStore]:
     opened = await SQLiteStore.open(db_path)
     try:
         yield opened
@@ -114,8 +130,19 @@ async def store(db_path: str) -> AsyncIterator[SQLiteStore]:
         await opened.close()
 
 
-def _implements_the_protocol(store: SQLiteStore) -> ResponseStore:
-    return store  # checked by mypy: SQLiteStore must satisfy ResponseStore
+def _implements_the_protocol(one: SQLiteStore, other: PostgresStore) -> list[ResponseStore]:
+    return [one, other]  # both must satisfy ResponseStore (mypy, when it reads the tests)
+
+
+def backend(store: Any) -> Any:
+    """The module of `store`'s backend (for patching its constants)."""
+    return store_module if isinstance(store, SQLiteStore) else pg_module
+
+
+async def stored_ids(store: Any) -> set[str]:
+    if isinstance(store, SQLiteStore):
+        return {row[0] for row in await store._read("SELECT id FROM responses")}
+    return {row[0] for row in await store._fetch("SELECT id FROM responses")}
 
 
 OWNER = "owner-a"
@@ -125,9 +152,9 @@ OTHER = "owner-b"
 # -- opening ---------------------------------------------------------------------------------
 
 
-async def test_pragmas(store: SQLiteStore, db_path: str) -> None:
+async def test_pragmas(sqlite_store: SQLiteStore, db_path: str) -> None:
     async def pragma(name: str) -> Any:
-        return next(iter(await store._db.execute_fetchall(f"PRAGMA {name}")))[0]
+        return next(iter(await sqlite_store._db.execute_fetchall(f"PRAGMA {name}")))[0]
 
     assert await pragma("journal_mode") == "wal"
     assert await pragma("foreign_keys") == 1
@@ -275,8 +302,9 @@ async def test_delete(store: SQLiteStore) -> None:
 
 
 async def test_failed_transaction_rolls_back(
-    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = sqlite_store
     monkeypatch.setattr(store_module, "_INSERT_ITEM_SQL", "INSERT INTO nowhere VALUES (?)")
     with pytest.raises(sqlite3.OperationalError):
         await store.save_response(record("resp_1", OWNER))
@@ -354,7 +382,7 @@ async def test_lineage_survives_a_cycle(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The gateway never makes one, but a loop must not recurse forever.
-    monkeypatch.setattr(store_module, "_MAX_LINEAGE_DEPTH", 5)
+    monkeypatch.setattr(backend(store), "_MAX_LINEAGE_DEPTH", 5)
     await store.save_response(record("resp_a", OWNER, "resp_b"))
     await store.save_response(record("resp_b", OWNER, "resp_a"))
     assert len(await store.load_lineage(OWNER, "resp_a") or []) == 12
@@ -473,7 +501,7 @@ async def test_get_items(store: SQLiteStore) -> None:
 async def test_purge_expired_in_batches(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "_PURGE_BATCH", 7)
+    monkeypatch.setattr(backend(store), "_PURGE_BATCH", 7)
     now = 1_800_000_000.0
     for n in range(23):
         await store.save_response(record(f"resp_old{n}", OWNER, expires_at=now - n))
@@ -556,7 +584,7 @@ async def test_live_descendant_keeps_its_expired_ancestors(store: SQLiteStore) -
 async def test_purge_removes_dead_chains_in_one_run_and_keeps_live_ones(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "_PURGE_BATCH", 7)
+    monkeypatch.setattr(backend(store), "_PURGE_BATCH", 7)
     now = 1_800_000_000.0
     dead = 0
 
@@ -626,7 +654,7 @@ async def test_purge_keeps_exactly_the_ancestors_of_live_responses(
 ) -> None:
     # Random forests against the rule itself: after one purge run, what remains is every live
     # response and every expired one with a live descendant, nothing else.
-    monkeypatch.setattr(store_module, "_PURGE_BATCH", batch)
+    monkeypatch.setattr(backend(store), "_PURGE_BATCH", batch)
     rng = random.Random(seed)
     now = 1_800_000_000.0
     parents: dict[str, str | None] = {}
@@ -650,12 +678,11 @@ async def test_purge_keeps_exactly_the_ancestors_of_live_responses(
             kept.add(node)
             node = parents[node]
     assert await store.purge_expired(now) == len(parents) - len(kept)
-    remaining = {row[0] for row in await store._read("SELECT id FROM responses")}
-    assert remaining == kept
+    assert await stored_ids(store) == kept
 
 
-async def test_purge_finds_children_through_an_index(store: SQLiteStore) -> None:
-    plan = await store._read("EXPLAIN QUERY PLAN " + store_module._PURGE_SQL, (0.0, 1))
+async def test_purge_finds_children_through_an_index(sqlite_store: SQLiteStore) -> None:
+    plan = await sqlite_store._read("EXPLAIN QUERY PLAN " + store_module._PURGE_SQL, (0.0, 1))
     details = [row[-1] for row in plan]
     children = [d for d in details if "SEARCH c " in d]
     assert len(children) == 2 and all("INDEX responses_children" in d for d in children), details
@@ -685,7 +712,8 @@ async def test_save_is_shielded_from_cancellation(db_path: str) -> None:
         await reopened.close()
 
 
-async def test_check_writable(store: SQLiteStore, db_path: str) -> None:
+async def test_check_writable(sqlite_store: SQLiteStore, db_path: str) -> None:
+    store = sqlite_store
     assert await store.check_writable() is True
     blocker = sqlite3.connect(db_path, isolation_level=None, timeout=0)
     try:
@@ -700,7 +728,8 @@ async def test_check_writable(store: SQLiteStore, db_path: str) -> None:
     assert await store.check_writable() is False
 
 
-async def test_stats_and_vacuum(store: SQLiteStore, db_path: str) -> None:
+async def test_stats_and_vacuum(sqlite_store: SQLiteStore, db_path: str) -> None:
+    store = sqlite_store
     empty = await store.stats()
     assert empty["responses"] == 0 and empty["oldest_created_at"] is None
     for n in range(30):
@@ -829,7 +858,7 @@ def test_several_processes_never_see_locked(tmp_path: Path) -> None:
 async def test_a_failed_save_rolls_back_and_the_next_one_works(store: SQLiteStore) -> None:
     bad = record("resp_bad", OWNER)
     bad.previous_response_id = ["not", "a", "string"]  # type: ignore[assignment]
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises((sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)):
         await store.save_response(bad)
     assert await store.get_response(OWNER, "resp_bad") is None
     await store.save_response(record("resp_good", OWNER))  # no transaction left open
@@ -837,8 +866,9 @@ async def test_a_failed_save_rolls_back_and_the_next_one_works(store: SQLiteStor
 
 
 async def test_concurrent_saves_share_transactions_and_a_bad_one_fails_alone(
-    store: SQLiteStore,
+    sqlite_store: SQLiteStore,
 ) -> None:
+    store = sqlite_store
     begins: list[str] = []
     await store._db.set_trace_callback(
         lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None)
@@ -859,11 +889,11 @@ async def test_concurrent_saves_share_transactions_and_a_bad_one_fails_alone(
     assert 1 <= len(begins) <= 3, begins
 
 
-async def test_close_writes_every_queued_save_first(db_path: str) -> None:
+async def test_close_writes_every_queued_save_first(store_url: str) -> None:
     # More saves than one batch takes, all queued before close(): each is written and each
     # caller returns, although the batches after the first start while the store is closing.
-    store = await SQLiteStore.open(db_path)
-    count = 3 * store_module._SAVE_BATCH + 5
+    store = await open_store(Settings(store_url=store_url))
+    count = 3 * backend(store)._SAVE_BATCH + 5
     saves = [asyncio.create_task(store.save_response(record(f"resp_{i}", OWNER)))
              for i in range(count)]
     await asyncio.sleep(0)  # every save is queued, the first batch has started
@@ -871,8 +901,11 @@ async def test_close_writes_every_queued_save_first(db_path: str) -> None:
         await store.close()
         results = await asyncio.gather(*saves, return_exceptions=True)
     assert results == [None] * count
-    with closing(sqlite3.connect(db_path)) as plain:
-        assert plain.execute("SELECT count(*) FROM responses").fetchone()[0] == count
+    reopened = await open_store(Settings(store_url=store_url))
+    try:
+        assert (await reopened.stats())["responses"] == count
+    finally:
+        await reopened.close()
 
 
 async def test_close_fails_saves_a_cancelled_saver_left_behind(db_path: str) -> None:

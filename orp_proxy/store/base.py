@@ -1,7 +1,8 @@
 """The response store's interface: what the gateway needs from wherever responses are kept.
 
 What `previous_response_id`, `GET/DELETE /v1/responses/{id}` and `/input_items` read, and what
-`item_reference` inputs resolve against. `sqlite.SQLiteStore` is the embedded implementation.
+`item_reference` inputs resolve against. `sqlite.SQLiteStore` is the embedded implementation,
+`postgres.PostgresStore` the one several hosts share; `factory.open_store` picks one by URL.
 """
 
 from __future__ import annotations
@@ -9,6 +10,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from orp_proxy.errors import SERVER_ERROR, ApiError
+
+
+class StoreUnavailable(ApiError):
+    """The store's database cannot be reached (down, restarting, failing over, too slow).
+
+    An `ApiError` (503 `store_unavailable`, `Retry-After: 1`), so every transport answers it
+    like any other refusal; it is raised at once rather than after a long wait, and the store
+    recovers by itself when the database is back.
+    """
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(503, "The response store is unavailable; try again shortly.",
+                         type=SERVER_ERROR, code="store_unavailable",
+                         headers={"Retry-After": "1"})
+        self.detail = detail
 
 
 @dataclass

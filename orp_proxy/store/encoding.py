@@ -1,0 +1,33 @@
+"""How items and responses are written as JSON text in either store, and read back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import ujson
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON text, non-ASCII kept as is, that encodes to UTF-8 (a database's text)."""
+    text: str = ujson.dumps(obj, ensure_ascii=False, escape_forward_slashes=False)
+    if not text.isascii():
+        # A lone surrogate (valid in a Python str, and in JSON as an escape) cannot be encoded
+        # as UTF-8; the ASCII form escapes it and loads back identically.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = ujson.dumps(obj, ensure_ascii=True, escape_forward_slashes=False)
+    return text
+
+
+def loads_list(bodies: Iterable[str]) -> list[dict[str, Any]]:
+    """Parse item bodies; one parse of the joined array is much faster than one per item."""
+    items: list[dict[str, Any]] = ujson.loads("[" + ",".join(bodies) + "]")
+    return items
+
+
+def item_id(item: dict[str, Any]) -> str | None:
+    """The item's `id` if it has a string one (what `item_reference` resolves against)."""
+    value = item.get("id")
+    return value if isinstance(value, str) else None
