@@ -37,4 +37,8 @@ def check_settings(settings: Settings) -> None:
     compaction_key = settings.resolved_compaction_key()
     if compaction_key is not None:
         CompactionCipher.create(compaction_key, lambda _: "")
-    check_path(settings.db_path)
+    target = settings.store_target()
+    if target.backend == "sqlite":
+        check_path(target.path)
+    else:
+        settings.resolved_store_password()  # its file or credential readable
