@@ -30,6 +30,7 @@ log = logging.getLogger("orp.exchange")
 _FAILURE_STATUS = {"upstream_timeout": 504, "store_failed": 500, "internal_error": 500,
                    "tool_not_allowed": 500, "context_length_exceeded": 400,
                    "store_unavailable": 503}
+_FAILURE_TYPE = {"tool_not_allowed": MODEL_ERROR, "context_length_exceeded": INVALID_REQUEST}
 
 class ClientGone(Exception):
     """Delivering events failed: the client closed the connection or it broke."""

@@ -198,14 +198,16 @@ def is_unavailable(exc: BaseException) -> bool:
     state = getattr(exc, "sqlstate", None)
     if isinstance(state, str) and state.startswith(_UNAVAILABLE_SQLSTATES):
         return True
-    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+    return _dropped(exc)
 
 
 def _dropped(exc: BaseException) -> bool:
     state = getattr(exc, "sqlstate", None)
     if isinstance(state, str) and state.startswith(_DROPPED_SQLSTATES):
         return True
-    if isinstance(exc, ConnectionResetError):
+    if isinstance(exc, (ConnectionResetError, asyncpg.exceptions.InternalClientError)):
+        # The latter: the connection's protocol state is broken, as when the server's
+        # termination notice races a new statement on it.
         return True
     return isinstance(exc, (ConnectionError, asyncpg.InterfaceError)) and "closed" in str(exc)
 
@@ -303,8 +305,12 @@ class PostgresStore:
             except Exception as exc:
                 if not is_unavailable(exc):
                     raise
-                if connected and attempt == 0 and _dropped(exc):
-                    continue  # the server dropped this pooled connection: try a fresh one
+                if connected and _dropped(exc):
+                    # The server dropped this connection, so likely every idle one (restart,
+                    # failover): replace them all, and try once more on a fresh one.
+                    await self._pool.expire_connections()
+                    if attempt == 0:
+                        continue
                 if not connected:
                     self._down_until = time.monotonic() + _DOWN_SECONDS
                 log.warning("response store unavailable: %s: %s", type(exc).__name__, exc)
