@@ -930,9 +930,10 @@ async def test_close_fails_saves_a_cancelled_saver_left_behind(db_path: str) -> 
 
 
 async def test_a_save_that_fills_the_database_fails_alone_and_says_why(
-        store: SQLiteStore, caplog: pytest.LogCaptureFixture) -> None:
+        sqlite_store: SQLiteStore, caplog: pytest.LogCaptureFixture) -> None:
     """SQLITE_FULL (here from `max_page_count`) rolls the whole transaction back: the other
     saves of the batch are still written, and the log names the cause."""
+    store = sqlite_store
     (pages,) = (await store._db.execute_fetchall("PRAGMA page_count"))[0]
     await store._db.execute_fetchall(f"PRAGMA max_page_count = {pages + 40}")
     small = [record(f"resp_{i}", OWNER) for i in range(20)]
@@ -957,9 +958,10 @@ async def test_a_save_that_fills_the_database_fails_alone_and_says_why(
 
 
 async def test_reads_do_not_wait_behind_a_write_waiting_for_the_lock(
-        store: SQLiteStore, db_path: str) -> None:
+        sqlite_store: SQLiteStore, db_path: str) -> None:
     """Another process's connection holds BEGIN IMMEDIATE; a save of ours waits for it (busy
     timeout), and meanwhile every read of ours answers from its own connection (WAL)."""
+    store = sqlite_store
     import threading
 
     await store.save_response(record("resp_1", OWNER))
