@@ -415,6 +415,11 @@ SETTINGS: tuple[Setting, ...] = (
             "client's bearer token goes upstream) or 'none' (local development). Unset: "
             "'keys' if keys are configured, 'none' with ORP_MOCK_UPSTREAM (the demo), "
             "otherwise ORP refuses to start.", metavar="MODE"),
+    Setting("passthrough_check_ttl", "ORP_PASSTHROUGH_CHECK_TTL", _positive_float,
+            "Pass-through mode: seconds the upstream's answer on a client's key (GET "
+            "{upstream}/models with it, asked before that key reads or deletes stored "
+            "responses) is reused; a revoked key loses its stored data within this time.",
+            metavar="SECONDS"),
     Setting("api_keys", "ORP_API_KEYS", _optional_str,
             "Gateway keys clients may present, comma-separated. Prefer ORP_API_KEYS_FILE or "
             "the systemd credential 'api_keys'.", secret=True, metavar="KEYS"),
@@ -486,6 +491,7 @@ class Settings:
     retry_max_wait: float = 8.0
     expose_upstream_errors: bool = False
     auth_mode: str | None = None
+    passthrough_check_ttl: float = 60.0
     api_keys: str | None = None
     api_keys_file: str | None = None
     metrics_public: bool = True

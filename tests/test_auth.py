@@ -242,6 +242,50 @@ async def test_passthrough_tenants_are_the_tokens(start_proxy: StartProxy,
     assert status == 200
 
 
+async def test_passthrough_store_reads_check_the_token_upstream(
+        start_proxy: StartProxy, settings: Settings, mock: MockUpstream,
+        aiohttp_server: Any) -> None:
+    """A key the upstream has revoked can no longer read or delete what it stored: GET, DELETE
+    and input_items ask `GET /models` with it first (cached for ORP_PASSTHROUGH_CHECK_TTL)."""
+    from aiohttp import web
+
+    accepted = {"Bearer sk-alive", "Bearer sk-revoked-soon"}
+    models_calls: list[str] = []
+
+    @web.middleware
+    async def upstream_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "")
+        if request.path.endswith("/models") and given:  # not the readiness probe's
+            models_calls.append(given)
+        if given not in accepted:
+            return web.json_response({"error": {"message": "revoked", "type": "auth"}},
+                                     status=401)
+        return await handler(request)
+
+    app = mock.app()
+    app.middlewares.append(upstream_auth)
+    upstream = await aiohttp_server(app, host="127.0.0.1")
+    proxy = await start_proxy(dataclasses.replace(
+        settings, upstream_url=str(upstream.make_url("/v1")), auth_mode="passthrough",
+        passthrough_check_ttl=3600))
+    created = await create(proxy, "sk-revoked-soon", {"model": "m", "input": "secret"})
+    path = f"/v1/responses/{created['id']}"
+    status, _, _ = await call(proxy, "GET", path, key="sk-revoked-soon")
+    assert status == 200 and models_calls == ["Bearer sk-revoked-soon"]
+    status, _, _ = await call(proxy, "GET", path + "/input_items", key="sk-revoked-soon")
+    assert status == 200 and len(models_calls) == 1  # the answer is cached
+    accepted.discard("Bearer sk-revoked-soon")
+    proxy.server.app[auth_module.TOKEN_CHECK]._known.clear()  # as when the TTL has passed
+    for method, where in (("GET", path), ("GET", path + "/input_items"), ("DELETE", path)):
+        assert_401(*await call(proxy, method, where, key="sk-revoked-soon"))
+    # Another key is checked on its own, and an upstream that cannot answer fails closed.
+    status, _, _ = await call(proxy, "GET", path, key="sk-alive")
+    assert status == 404
+    await upstream.close()
+    status, _, data = await call(proxy, "GET", path, key="sk-unknown")
+    assert status == 502 and error_of(status, data)["code"] == "credential_check_failed"
+
+
 # -- none -------------------------------------------------------------------------------------
 
 

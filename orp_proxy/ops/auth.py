@@ -2,7 +2,10 @@
 
 `keys`: clients present one of the operator's gateway keys; ORP calls the upstream with its own
 key. `passthrough`: the client's bearer token is forwarded upstream, which decides (its 401/403
-becomes our 401). `none`: anyone may call; for local development only, and said so at start-up.
+becomes our 401); requests that only read or delete stored responses never reach the upstream,
+so for them the token is first checked with `GET {upstream}/models` (`TokenCheck`, cached for
+`ORP_PASSTHROUGH_CHECK_TTL`): a revoked key loses its stored data with its upstream access.
+`none`: anyone may call; for local development only, and said so at start-up.
 
 Keys are kept only as SHA-256 digests and a presented key is compared against every one of them
 with `hmac.compare_digest`, so the time taken reveals neither which key matched nor how much of
@@ -11,16 +14,21 @@ one did. Stored responses belong to `store.owner_id(credential)`, a keyed hash o
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 
 from orp_proxy.config import ConfigError, Settings, read_secret_file, secret_path
-from orp_proxy.errors import AUTHENTICATION, ApiError
+from orp_proxy.errors import AUTHENTICATION, SERVER_ERROR, ApiError
+from orp_proxy.state import GATEWAY
 
 log = logging.getLogger("orp.auth")
 
@@ -115,6 +123,72 @@ class Authenticator:
 
 AUTH = web.AppKey("orp_auth", Authenticator)
 
+# Routes that serve the store without calling the upstream (GET, DELETE; input items).
+STORE_ROUTES = frozenset({"/v1/responses/{response_id}",
+                          "/v1/responses/{response_id}/input_items"})
+_CHECK_TIMEOUT = 10.0
+_CHECK_CACHE_SIZE = 10_000
+
+
+class TokenCheck:
+    """Pass-through mode: does the upstream still accept a client's token? One `GET
+    {upstream}/models` with it, the answer kept for `ttl` seconds (by the token's digest, at
+    most 10,000 tokens); concurrent checks of one token share a request."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._known: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
+        self._running: dict[bytes, asyncio.Task[bool]] = {}
+
+    async def accepted(self, app: web.Application, token: str) -> bool:
+        """True if the upstream accepts `token`; ApiError 502 when it cannot tell."""
+        key = _digest(token)
+        known = self._known.get(key)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
+        task = self._running.get(key)
+        if task is None:
+            task = asyncio.create_task(self._ask(app, token))
+            self._running[key] = task
+            task.add_done_callback(lambda done: self._finished(key, done))
+        accepted = await asyncio.shield(task)
+        self._known[key] = (accepted, time.monotonic() + self.ttl)
+        self._known.move_to_end(key)
+        while len(self._known) > _CHECK_CACHE_SIZE:
+            self._known.popitem(last=False)
+        return accepted
+
+    def _finished(self, key: bytes, task: asyncio.Task[bool]) -> None:
+        self._running.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too: every waiter may have gone
+
+    async def _ask(self, app: web.Application, token: str) -> bool:
+        upstream = app[GATEWAY].upstream
+        try:
+            async with upstream.session.get(
+                    upstream.endpoint("models"), headers={"Authorization": f"Bearer {token}"},
+                    timeout=aiohttp.ClientTimeout(total=_CHECK_TIMEOUT)) as resp:
+                await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _cannot_check(f"the upstream could not be reached ({type(exc).__name__})") \
+                from None
+        if status in (401, 403):
+            return False
+        if 200 <= status < 300:
+            return True
+        raise _cannot_check(f"the upstream answered GET /models with HTTP {status}")
+
+
+def _cannot_check(reason: str) -> ApiError:
+    # Fail closed: without the upstream's word, stored data is not served to the token.
+    return ApiError(502, f"The gateway could not check the API key with the upstream: {reason}.",
+                    type=SERVER_ERROR, code="credential_check_failed")
+
+
+TOKEN_CHECK = web.AppKey("orp_token_check", TokenCheck)
+
 
 def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, type=AUTHENTICATION, code="invalid_api_key",
@@ -147,6 +221,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise unauthorized(_INVALID)
     else:
         request[UPSTREAM_AUTHORIZATION] = f"Bearer {token}"
+        check = request.app.get(TOKEN_CHECK)
+        resource = request.match_info.route.resource
+        if (check is not None and resource is not None and resource.canonical in STORE_ROUTES
+                and not await check.accepted(request.app, token)):
+            raise unauthorized(_INVALID)
     return await handler(request)
 
 
@@ -167,5 +246,7 @@ def setup_auth(app: web.Application, settings: Settings) -> None:
     application, before routes run). Raises ConfigError when the settings cannot work."""
     auth = Authenticator.from_settings(settings)
     app[AUTH] = auth
+    if auth.mode == "passthrough":
+        app[TOKEN_CHECK] = TokenCheck(settings.passthrough_check_ttl)
     app.middlewares.append(auth_middleware)
     app.on_startup.append(_warn_if_open(auth))
