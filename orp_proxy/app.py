@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from orp_proxy.background import background_ctx
+from orp_proxy.background import on_shutdown as background_on_shutdown
 from orp_proxy.config import Settings, load_settings, upstream_key
 from orp_proxy.http.middleware import error_middleware
 from orp_proxy.http.routes import setup_routes
@@ -147,6 +149,8 @@ def build_app(settings: Settings) -> web.Application:
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
     app.cleanup_ctx.append(_gateway_ctx)
     app.cleanup_ctx.append(_purge_ctx)
+    app.cleanup_ctx.append(background_ctx)  # needs the gateway; its runs outlive requests
+    app.on_shutdown.append(background_on_shutdown)
     app.cleanup_ctx.append(streams_ctx(settings.sse_keepalive))
     setup_health(app)  # its cleanup context needs the gateway's
     setup_metrics(app)

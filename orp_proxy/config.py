@@ -432,6 +432,22 @@ SETTINGS: tuple[Setting, ...] = (
             "Most items in a request's 'input'.", metavar="N"),
     Setting("max_tools", "ORP_MAX_TOOLS", _positive_int,
             "Most entries in a request's 'tools'.", metavar="N"),
+    Setting("background_max_runs", "ORP_BACKGROUND_MAX_RUNS", _positive_int,
+            "Most background responses one worker runs at once; past it, 429.", metavar="N"),
+    Setting("background_max_per_owner", "ORP_BACKGROUND_MAX_PER_OWNER", _positive_int,
+            "Most unfinished background responses per credential, over all workers and hosts; "
+            "past it, 429.", metavar="N"),
+    Setting("background_event_retention", "ORP_BACKGROUND_EVENT_RETENTION_SECONDS",
+            _non_negative_float,
+            "How long a finished background response's stream events stay resumable "
+            "(seconds); then they are dropped, the response itself stays.", metavar="SECONDS"),
+    Setting("background_lease_seconds", "ORP_BACKGROUND_LEASE_SECONDS", _positive_float,
+            "Lease on a running background response, renewed every third of it while its "
+            "worker lives; a response whose lease ran out is failed ('worker_lost').",
+            metavar="SECONDS"),
+    Setting("background_poll_interval", "ORP_BACKGROUND_POLL_INTERVAL", _positive_float,
+            "SQLite store: how often streams following a background response run by another "
+            "process, and cancel requests, are looked for (seconds).", metavar="SECONDS"),
 )
 
 
@@ -497,6 +513,11 @@ class Settings:
     metrics_public: bool = True
     max_input_items: int = 4096
     max_tools: int = 128
+    background_max_runs: int = 100
+    background_max_per_owner: int = 20
+    background_event_retention: float = 3600.0
+    background_lease_seconds: float = 30.0
+    background_poll_interval: float = 0.05
     # The parsed ORP_CONFIG file (not a setting of its own: it is where settings come from).
     file: FileConfig | None = field(default=None, compare=False, repr=False)
 

@@ -154,15 +154,32 @@ def check_model(gateway: Gateway, model: str) -> None:
         raise model_not_found(model)
 
 
-async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
-                         history: list[dict[str, Any]], request_id: str,
-                         authorization: str | None = None,
-                         client_headers: Mapping[str, str] | None = None) -> Exchange:
-    """Translate, open the upstream stream (HTTP errors surface here), return the exchange.
+@dataclass
+class PreparedExchange:
+    """A translated request whose upstream call is still to be made (a background run makes
+    it later, from its own task)."""
 
-    `authorization`: the client's header to send upstream instead of ORP's key (pass-through
-    authentication, `auth.UPSTREAM_AUTHORIZATION`). `client_headers`: the request's (or the
-    WebSocket upgrade's) headers, which pick the reasoning event names under `auto`."""
+    model: str
+    build: BuildChat
+    hints: RouteHints
+    transcoder: Transcoder
+    new_items: list[dict[str, Any]]
+    persist: Persistence | None
+
+    async def open(self, gateway: Gateway, *, request_id: str,
+                   authorization: str | None = None) -> Exchange:
+        """Open the upstream stream (HTTP errors surface here as `ApiError`)."""
+        upstream = await gateway.router.open(self.model, self.build, request_id=request_id,
+                                             authorization=authorization, hints=self.hints)
+        return Exchange(self.transcoder, upstream, self.persist, new_items=self.new_items)
+
+
+async def prepare_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
+                           history: list[dict[str, Any]],
+                           client_headers: Mapping[str, str] | None = None
+                           ) -> PreparedExchange:
+    """Check, resolve references, translate, build the transcoder: all but the upstream call.
+    `client_headers`: see `start_exchange`."""
     settings = gateway.settings
     model = _model(gateway, body)
 
@@ -190,8 +207,20 @@ async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
     hints = RouteHints(previous_response_id=body.get("previous_response_id"),
                        response_id=transcoder.response["id"],
                        prompt_cache_key=body.get("prompt_cache_key"))
-    upstream = await gateway.router.open(model, build, request_id=request_id,
-                                         authorization=authorization, hints=hints)
     persist = (Persistence(gateway.store, owner, new_items, settings.store_ttl_seconds or None)
                if body.get("store") is not False else None)
-    return Exchange(transcoder, upstream, persist, new_items=new_items)
+    return PreparedExchange(model, build, hints, transcoder, new_items, persist)
+
+
+async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
+                         history: list[dict[str, Any]], request_id: str,
+                         authorization: str | None = None,
+                         client_headers: Mapping[str, str] | None = None) -> Exchange:
+    """Translate, open the upstream stream (HTTP errors surface here), return the exchange.
+
+    `authorization`: the client's header to send upstream instead of ORP's key (pass-through
+    authentication, `auth.UPSTREAM_AUTHORIZATION`). `client_headers`: the request's (or the
+    WebSocket upgrade's) headers, which pick the reasoning event names under `auto`."""
+    prepared = await prepare_exchange(gateway, body, owner=owner, history=history,
+                                      client_headers=client_headers)
+    return await prepared.open(gateway, request_id=request_id, authorization=authorization)

@@ -108,8 +108,9 @@ async def test_unknown_route_and_method_get_error_objects(proxy: Proxy) -> None:
         error_of(resp.status, await resp.read())
 
 
-async def test_background_is_refused_clearly(proxy: Proxy) -> None:
-    status, _, data = await proxy.post({"model": "m", "input": "x", "background": True})
+async def test_background_without_store_is_refused_clearly(proxy: Proxy) -> None:
+    status, _, data = await proxy.post({"model": "m", "input": "x", "background": True,
+                                        "store": False})
     error = error_of(status, data)
     assert status == 400 and error["param"] == "background"
 

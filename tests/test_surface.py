@@ -325,7 +325,6 @@ async def test_service_tier_echo_is_what_the_upstream_reports(
     ("moderation", {"model": "omni-moderation-latest"}, "moderation"),
     ("context_management", [{"type": "compaction", "compact_threshold": 1000}],
      "context_management[0]"),
-    ("background", True, "background"),
     ("reasoning", {"mode": "pro"}, "reasoning.mode"),
     ("image", {"context_compression": "enabled"}, "image.context_compression"),
 ])

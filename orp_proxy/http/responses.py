@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from orp_proxy.errors import NOT_FOUND, ApiError, invalid
+from orp_proxy.http.background import create_background, stream_response, wants_stream
 from orp_proxy.http.request import credential, json_response, read_json_body, request_id
 from orp_proxy.http.sse import SSETransport, stream_events
 from orp_proxy.ops.access import attach_exchange
@@ -23,6 +24,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     body = await read_json_body(request, gateway.settings.max_body_bytes)
     validate_create_body(body, limits=gateway.limits)
+    if body.get("background"):
+        return await create_background(request, body)
     owner = gateway.store.owner_id(credential(request))
     rid = request_id(request)
     history = await load_history(gateway, owner, body.get("previous_response_id"))
@@ -66,6 +69,8 @@ def _not_found(response_id: str) -> ApiError:
 
 
 async def get_response(request: web.Request) -> web.StreamResponse:
+    if wants_stream(request):
+        return await stream_response(request)
     gateway = request.app[GATEWAY]
     response_id = request.match_info["response_id"]
     found = await gateway.store.get_response(gateway.store.owner_id(credential(request)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from orp_proxy.http.background import cancel_response
 from orp_proxy.http.compact import compact_response
 from orp_proxy.http.input_tokens import count_input_tokens
 from orp_proxy.http.models import setup_models
@@ -25,3 +26,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/responses/{response_id}", get_response)
     app.router.add_delete("/v1/responses/{response_id}", delete_response)
     app.router.add_get("/v1/responses/{response_id}/input_items", list_input_items)
+    app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)

@@ -27,6 +27,7 @@ from prometheus_client import (
 )
 
 from orp_proxy.store import InputItemsPage, ResponseStore, StoredResponse
+from orp_proxy.store.base import BackgroundStore
 
 REQUESTS = Counter("orp_requests", "HTTP requests by route, status and stream flag.",
                    ["route", "status", "stream"])
@@ -68,6 +69,12 @@ DEPLOYMENT_LATENCY = Histogram(
     ["model", "deployment"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
 )
+
+BACKGROUND_RUNS = Gauge("orp_background_responses", "Background responses this worker runs now, "
+                        "by state (queued: waiting for the upstream; running).", ["state"],
+                        multiprocess_mode="livesum")
+BACKGROUND_FINISHED = Counter("orp_background_finished", "Background responses finished, by "
+                              "final status (worker_lost ones count as failed).", ["status"])
 
 _INPUT_TOKENS = TOKENS.labels("input")
 _OUTPUT_TOKENS = TOKENS.labels("output")
@@ -182,6 +189,14 @@ class TimedStore:
 
     def owner_id(self, credential: str | None) -> str:
         return self.inner.owner_id(credential)
+
+    # -- background runs (untimed: the event log is written per batch, not per request) -----
+
+    @property
+    def background(self) -> BackgroundStore | None:
+        """The inner store as a `BackgroundStore`, or None if it cannot keep background runs."""
+        inner = self.inner
+        return inner if isinstance(inner, BackgroundStore) else None
 
     async def close(self) -> None:
         await self.inner.close()

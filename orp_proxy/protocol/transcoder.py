@@ -207,9 +207,19 @@ class Transcoder:
         events, self._events = self._events, []
         return events
 
-    def start(self) -> None:
-        """`response.created` then `response.in_progress`."""
+    def queue(self) -> None:
+        """A background response: `response.created` and `response.queued`, status `queued`
+        (then `start` moves it to `in_progress`)."""
+        self.response["status"] = "queued"
         self._emit({"type": "response.created", "response": self._snapshot()})
+        self._emit({"type": "response.queued", "response": self._snapshot()})
+
+    def start(self) -> None:
+        """`response.created` (unless `queue` sent it) then `response.in_progress`."""
+        if self.response["status"] == "queued":
+            self.response["status"] = "in_progress"
+        else:
+            self._emit({"type": "response.created", "response": self._snapshot()})
         self._emit({"type": "response.in_progress", "response": self._snapshot()})
 
     def feed(self, chunk: Any) -> None:
@@ -351,6 +361,34 @@ class Transcoder:
         self.finished = False
         self.response["completed_at"] = None
         self.response["incomplete_details"] = None
+
+    def cancel(self) -> None:
+        """The owner cancelled the (background) response: status `cancelled`, the output so far
+        kept, and a terminal event. The spec has no `response.cancelled`; `response.failed`
+        ends the stream for every client, and its response says `cancelled`."""
+        if self.finished:
+            return
+        self._abandon_open_items()
+        self.finished = True
+        self.response["status"] = "cancelled"
+        self._emit({"type": "response.failed", "response": self.response})
+
+    def progress(self) -> dict[str, Any]:
+        """A copy of the response as it stands, open items with the text they have so far."""
+        items = {id(it.item): it for it in self._open_items()}
+        output = []
+        for item in self._output:
+            copy = dict(item)
+            open_item = items.get(id(item))
+            if isinstance(open_item, _Call):
+                copy["arguments"] = open_item.arguments.value()
+            elif open_item is not None and open_item.part is not None:
+                part = open_item.part
+                key = "refusal" if part.kind == "refusal" else "text"
+                copy["content"] = [dict(p) for p in item["content"]]
+                copy["content"][part.index] = dict(part.part, **{key: part.text.value()})
+            output.append(copy)
+        return dict(self.response, output=output)
 
     def interrupt(self, reason: str = "client_disconnected") -> None:
         """The client went away: settle the response as incomplete, producing no events."""

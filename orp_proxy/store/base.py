@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from orp_proxy.errors import SERVER_ERROR, ApiError
 
@@ -41,6 +41,41 @@ class StoredResponse:
     response: dict[str, Any]
     input_items: list[dict[str, Any]]
     expires_at: float | None = None
+
+
+@dataclass
+class StoredEvent:
+    """One streaming event of a background response, as its client saw it."""
+
+    seq: int  # the event's `sequence_number`
+    body: str  # the event as JSON text
+
+
+@dataclass
+class EventBatch:
+    """Events of one background run to append, in sequence order after those already kept.
+
+    `keep_until` set: the batch ends with the terminal event; the run is finished (its lease
+    released) and its events are kept until that time (seconds since the epoch).
+    """
+
+    response_id: str
+    events: list[StoredEvent]
+    keep_until: float | None = None
+
+
+@dataclass
+class RunInfo:
+    """A background run's bookkeeping: who runs it, until when, and how far it got."""
+
+    response_id: str
+    owner: str
+    worker: str  # the process that runs it (host:pid:nonce)
+    lease_until: float  # seconds since the epoch; past it, a live run has no worker
+    cancel_requested: bool
+    finished: bool
+    last_seq: int  # the highest sequence_number written, -1 before any
+    events_kept: bool  # False once retention dropped the events
 
 
 @dataclass
@@ -115,4 +150,80 @@ class ResponseStore(Protocol):
 
     async def close(self) -> None:
         """Finish pending writes and release the database."""
+        ...
+
+
+@runtime_checkable
+class BackgroundStore(Protocol):
+    """What background responses need on top of `ResponseStore`: an event log per response,
+    leases on runs, and cancel requests every process sees.
+
+    Writes to one run's log come from one process at a time (the lease holder) and are
+    committed in sequence order, so a reader that saw event N has seen every event before N.
+    `wait_notice` is how live followers and cancel watchers hear of changes made by other
+    processes: a database with notifications (PostgreSQL LISTEN/NOTIFY) wakes them at once;
+    SQLite has none, so it sleeps `poll_interval` and the caller looks again.
+    """
+
+    async def start_run(self, record: StoredResponse, events: Sequence[StoredEvent], *,
+                        worker: str, lease_until: float) -> None:
+        """Save the queued response, its first events and its run (leased by `worker`), in
+        one transaction."""
+        ...
+
+    async def update_response(self, record: StoredResponse) -> None:
+        """Replace a saved response's object and output items (progress of a run, or its end
+        when its worker died); its input items stay as saved (`record.input_items` unused)."""
+        ...
+
+    async def append_events(self, batches: Sequence[EventBatch]) -> None:
+        """Append each batch to its run's log, finishing the runs whose batch says so, in one
+        transaction; wakes the waiters of topic `events:<response_id>`."""
+        ...
+
+    async def read_events(self, response_id: str, after: int, limit: int = 500
+                          ) -> list[StoredEvent]:
+        """Up to `limit` kept events with `seq > after`, in order."""
+        ...
+
+    async def get_run(self, owner: str, response_id: str) -> RunInfo | None:
+        """The run of this owner's background response, or None (not a background response,
+        unknown, or expired)."""
+        ...
+
+    async def renew_leases(self, worker: str, response_ids: Sequence[str],
+                           lease_until: float) -> None:
+        """Extend the leases `worker` holds on these unfinished runs."""
+        ...
+
+    async def request_cancel(self, response_id: str) -> None:
+        """Mark an unfinished run to be cancelled; wakes topic `cancel:<worker>` of its
+        worker."""
+        ...
+
+    async def cancel_requests(self, worker: str) -> list[str]:
+        """Unfinished runs of `worker` whose cancellation was requested."""
+        ...
+
+    async def claim_expired_runs(self, worker: str, now: float, lease_until: float
+                                 ) -> list[RunInfo]:
+        """Take over unfinished runs whose lease ran out before `now` (their worker died):
+        each is leased to `worker` until `lease_until`, so one process settles it."""
+        ...
+
+    async def count_runs(self, owner: str) -> int:
+        """Unfinished runs of `owner`, in every process."""
+        ...
+
+    async def purge_events(self, now: float) -> int:
+        """Drop the events of finished runs kept until before `now`; the responses stay."""
+        ...
+
+    # True if `wait_notice` is woken by other processes' changes; False: it only sleeps, and
+    # callers poll at their own (short) interval.
+    notifies: bool
+
+    async def wait_notice(self, topic: str, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait for a notice on `topic` from any process, at most `timeout` seconds; True if
+        one came (without notifications: sleeps `timeout`, returns False)."""
         ...

@@ -53,7 +53,14 @@ import aiosqlite
 import ujson
 
 from orp_proxy.config import ConfigError
-from orp_proxy.store.base import InputItemsPage, ResponseStore, StoredResponse
+from orp_proxy.store.base import (
+    EventBatch,
+    InputItemsPage,
+    ResponseStore,
+    RunInfo,
+    StoredEvent,
+    StoredResponse,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -118,6 +125,31 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # The purge's "does anything continue from this response?" lookup.
         """CREATE INDEX responses_children ON responses (previous_response_id, owner)
             WHERE previous_response_id IS NOT NULL""",
+    ),
+    (
+        # Background runs: one row per background response, gone with it. `keep_until`: when
+        # a finished run's events may be dropped (`events_kept` 0 once they were).
+        """CREATE TABLE runs (
+            response_id      TEXT PRIMARY KEY REFERENCES responses (id) ON DELETE CASCADE,
+            owner            TEXT NOT NULL,
+            worker           TEXT NOT NULL,
+            lease_until      REAL NOT NULL,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            finished         INTEGER NOT NULL DEFAULT 0,
+            last_seq         INTEGER NOT NULL DEFAULT -1,
+            keep_until       REAL,
+            events_kept      INTEGER NOT NULL DEFAULT 1
+        ) WITHOUT ROWID""",
+        """CREATE INDEX runs_by_worker ON runs (worker) WHERE finished = 0""",
+        """CREATE INDEX runs_by_lease ON runs (lease_until) WHERE finished = 0""",
+        """CREATE INDEX runs_by_owner ON runs (owner) WHERE finished = 0""",
+        """CREATE INDEX runs_by_keep ON runs (keep_until) WHERE events_kept = 1""",
+        """CREATE TABLE events (
+            response_id TEXT NOT NULL REFERENCES runs (response_id) ON DELETE CASCADE,
+            seq         INTEGER NOT NULL,
+            body        TEXT NOT NULL,
+            PRIMARY KEY (response_id, seq)
+        ) WITHOUT ROWID""",
     ),
 )
 
@@ -221,6 +253,9 @@ class SQLiteStore:
     Create with `await SQLiteStore.open(path)`, one per process, and `await close()` it on
     shutdown (an open aiosqlite connection keeps the process from exiting).
     """
+
+    # SQLite cannot tell other processes of a change: background followers poll.
+    notifies = False
 
     def __init__(self, db: aiosqlite.Connection, path: str, owner_key: bytes,
                  reader: aiosqlite.Connection | None = None) -> None:
@@ -372,30 +407,7 @@ class SQLiteStore:
 
     async def save_response(self, record: StoredResponse) -> None:
         """Insert or replace `record` with its input and output items in one transaction."""
-        response = dict(record.response)
-        output = response.get("output")
-        if output is None:
-            output = []
-        elif not isinstance(output, list):
-            raise TypeError("response['output'] must be a list of items")
-        if "output" in response:
-            response["output"] = []
-        rows = [(_INPUT, seq, item) for seq, item in enumerate(record.input_items)] + [
-            (_OUTPUT, seq, item) for seq, item in enumerate(output)
-        ]
-        # Serialise before taking the lock: JSON encoding of large items is the slow part.
-        encoded = [(kind, seq, _item_id(item), _dumps(item)) for kind, seq, item in rows]
-        response_json = _dumps(response)
-        params = (
-            record.id,
-            record.owner,
-            record.previous_response_id,
-            int(record.created_at),
-            record.status,
-            record.expires_at,
-            response_json,
-        )
-
+        params, encoded = _encode_record(record)
         if self._closing:
             raise RuntimeError("response store is closed")
         pending = _PendingSave(params, encoded, asyncio.get_running_loop().create_future())
@@ -584,6 +596,120 @@ class SQLiteStore:
                 return total
             await asyncio.sleep(0)
 
+    # -- background runs ---------------------------------------------------------------------
+
+    async def start_run(self, record: StoredResponse, events: Sequence[StoredEvent], *,
+                        worker: str, lease_until: float) -> None:
+        """The queued response, its run and its first events, in one transaction."""
+        params, items = _encode_record(record)
+        rows = [(record.id, e.seq, e.body) for e in events]
+        run = (record.id, record.owner, worker, lease_until, max((e.seq for e in events),
+                                                                 default=-1))
+
+        def work(conn: sqlite3.Connection) -> None:
+            _upsert_record(params, items, conn)
+            conn.execute("INSERT INTO runs (response_id, owner, worker, lease_until, last_seq) "
+                         "VALUES (?, ?, ?, ?, ?)", run).fetchall()
+            _insert_events(rows, conn)
+
+        await self._write(lambda: self._in_thread(work))
+
+    async def update_response(self, record: StoredResponse) -> None:
+        """One transaction: the row's object and status, and the output items replaced."""
+        params, items = _encode_record(record)
+        outputs = [row for row in items if row[0] == _OUTPUT]
+
+        def work(conn: sqlite3.Connection) -> None:
+            found = conn.execute("UPDATE responses SET status = ?, response = ? WHERE id = ? "
+                                 "RETURNING rid", (params[4], params[6], params[0])).fetchall()
+            if found:
+                rid = found[0][0]
+                conn.execute("DELETE FROM items WHERE response_rid = ? AND kind = ?",
+                             (rid, _OUTPUT)).fetchall()
+                conn.executemany(_INSERT_ITEM_SQL, [(rid, *row) for row in outputs])
+
+        await self._write(lambda: self._in_thread(work))
+
+    async def append_events(self, batches: Sequence[EventBatch]) -> None:
+        """Every batch in one transaction (one thread trip)."""
+        if batches:
+            await self._write(lambda: self._in_thread(partial(_append_batches, list(batches))))
+
+    async def read_events(self, response_id: str, after: int, limit: int = 500
+                          ) -> list[StoredEvent]:
+        rows = await self._read(
+            "SELECT seq, body FROM events WHERE response_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (response_id, after, limit))
+        return [StoredEvent(seq, body) for seq, body in rows]
+
+    async def get_run(self, owner: str, response_id: str) -> RunInfo | None:
+        rows = await self._read(
+            "SELECT u.response_id, u.owner, u.worker, u.lease_until, u.cancel_requested, "
+            "u.finished, u.last_seq, u.events_kept FROM runs AS u "
+            "JOIN responses AS r ON r.id = u.response_id "
+            "WHERE u.response_id = ? AND u.owner = ? "
+            "AND (r.expires_at IS NULL OR r.expires_at > ?)",
+            (response_id, owner, time.time()))
+        return _run_info(rows[0]) if rows else None
+
+    async def renew_leases(self, worker: str, response_ids: Sequence[str],
+                           lease_until: float) -> None:
+        ids = list(response_ids)
+
+        async def body() -> None:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start:start + _IN_CHUNK]
+                await self._fetch(
+                    f"UPDATE runs SET lease_until = ? WHERE worker = ? AND finished = 0 "
+                    f"AND response_id IN ({','.join('?' * len(chunk))})",
+                    (lease_until, worker, *chunk))
+
+        if ids:
+            await self._write(body)
+
+    async def request_cancel(self, response_id: str) -> None:
+        async def body() -> None:
+            await self._fetch("UPDATE runs SET cancel_requested = 1 "
+                              "WHERE response_id = ? AND finished = 0", (response_id,))
+
+        await self._write(body)
+
+    async def cancel_requests(self, worker: str) -> list[str]:
+        rows = await self._read("SELECT response_id FROM runs WHERE worker = ? AND finished = 0 "
+                                "AND cancel_requested = 1", (worker,))
+        return [response_id for (response_id,) in rows]
+
+    async def claim_expired_runs(self, worker: str, now: float, lease_until: float
+                                 ) -> list[RunInfo]:
+        async def body() -> list[Any]:
+            return await self._fetch(
+                "UPDATE runs SET worker = ?, lease_until = ? "
+                "WHERE finished = 0 AND lease_until < ? RETURNING response_id, owner, worker, "
+                "lease_until, cancel_requested, finished, last_seq, events_kept",
+                (worker, lease_until, now))
+
+        return [_run_info(row) for row in await self._write(body)]
+
+    async def count_runs(self, owner: str) -> int:
+        rows = await self._read("SELECT count(*) FROM runs WHERE owner = ? AND finished = 0",
+                                (owner,))
+        return int(rows[0][0])
+
+    async def purge_events(self, now: float) -> int:
+        async def body() -> int:
+            rows = await self._fetch(
+                "UPDATE runs SET events_kept = 0 WHERE events_kept = 1 AND keep_until <= ? "
+                "RETURNING response_id", (now,))
+            for (response_id,) in rows:
+                await self._fetch("DELETE FROM events WHERE response_id = ?", (response_id,))
+            return len(rows)
+
+        return await self._write(body)
+
+    async def wait_notice(self, topic: str, timeout: float) -> bool:  # noqa: ASYNC109
+        await asyncio.sleep(timeout)
+        return False
+
     async def check_writable(self, timeout: float = 1.0) -> bool:  # noqa: ASYNC109
         """Readiness: does a one-row write transaction commit within `timeout` seconds?
 
@@ -690,10 +816,7 @@ class _TransactionLost(Exception):
 
 
 def _write_one(conn: sqlite3.Connection, pending: _PendingSave) -> None:
-    (rid,) = conn.execute(_UPSERT_RESPONSE_SQL, pending.params).fetchall()[0]
-    conn.execute("DELETE FROM items WHERE response_rid = ?", (rid,)).fetchall()
-    if pending.items:
-        conn.executemany(_INSERT_ITEM_SQL, [(rid, *row) for row in pending.items])
+    _upsert_record(pending.params, pending.items, conn)
 
 
 def _save_together(batch: list[_PendingSave], conn: sqlite3.Connection
@@ -806,6 +929,65 @@ def _looks_like_sqlite(path: str) -> bool:
 
 def _open_error(path: str, exc: sqlite3.Error) -> ConfigError:
     return ConfigError(f"ORP_DB_PATH={path}: cannot open the SQLite store ({exc})")
+
+
+def _encode_record(record: StoredResponse
+                   ) -> tuple[tuple[Any, ...], list[tuple[int, int, str | None, str]]]:
+    """The `responses` row parameters and the encoded item rows of `record` (done before
+    taking the lock: JSON encoding of large items is the slow part)."""
+    response = dict(record.response)
+    output = response.get("output")
+    if output is None:
+        output = []
+    elif not isinstance(output, list):
+        raise TypeError("response['output'] must be a list of items")
+    if "output" in response:
+        response["output"] = []
+    rows = [(_INPUT, seq, item) for seq, item in enumerate(record.input_items)] + [
+        (_OUTPUT, seq, item) for seq, item in enumerate(output)
+    ]
+    encoded = [(kind, seq, _item_id(item), _dumps(item)) for kind, seq, item in rows]
+    params = (
+        record.id,
+        record.owner,
+        record.previous_response_id,
+        int(record.created_at),
+        record.status,
+        record.expires_at,
+        _dumps(response),
+    )
+    return params, encoded
+
+
+def _upsert_record(params: tuple[Any, ...], items: list[tuple[int, int, str | None, str]],
+                   conn: sqlite3.Connection) -> None:
+    (rid,) = conn.execute(_UPSERT_RESPONSE_SQL, params).fetchall()[0]
+    conn.execute("DELETE FROM items WHERE response_rid = ?", (rid,)).fetchall()
+    if items:
+        conn.executemany(_INSERT_ITEM_SQL, [(rid, *row) for row in items])
+
+
+def _insert_events(rows: list[tuple[str, int, str]], conn: sqlite3.Connection) -> None:
+    conn.executemany("INSERT INTO events (response_id, seq, body) VALUES (?, ?, ?)", rows)
+
+
+def _append_batches(batches: list[EventBatch], conn: sqlite3.Connection) -> None:
+    """The inside of `append_events`' transaction (runs in the connection's thread)."""
+    for batch in batches:
+        if batch.events:
+            _insert_events([(batch.response_id, e.seq, e.body) for e in batch.events], conn)
+            conn.execute("UPDATE runs SET last_seq = ? WHERE response_id = ?",
+                         (batch.events[-1].seq, batch.response_id)).fetchall()
+        if batch.keep_until is not None:
+            conn.execute("UPDATE runs SET finished = 1, keep_until = ? WHERE response_id = ?",
+                         (batch.keep_until, batch.response_id)).fetchall()
+
+
+def _run_info(row: Sequence[Any]) -> RunInfo:
+    response_id, owner, worker, lease_until, cancel, finished, last_seq, kept = row
+    return RunInfo(response_id=response_id, owner=owner, worker=worker,
+                   lease_until=float(lease_until), cancel_requested=bool(cancel),
+                   finished=bool(finished), last_seq=int(last_seq), events_kept=bool(kept))
 
 
 async def _switch_to_wal(db: aiosqlite.Connection, patience: float) -> list[Any]:
