@@ -63,8 +63,10 @@ FLUSH_INTERVAL = 0.02
 PROGRESS_INTERVAL = 1.0
 # With notifications, a follower still looks at the log this often (a lost notice costs this).
 NOTICE_TIMEOUT = 5.0
-# Shutdown: the share of the graceful timeout running responses get to finish.
+# Shutdown: the share of the graceful timeout running responses get to finish, less the second
+# gunicorn's aiohttp worker may take to notice SIGTERM and the time to write their ends.
 SHUTDOWN_SHARE = 0.8
+SHUTDOWN_MARGIN = 1.0
 # Events read from the store per query while following.
 READ_BATCH = 500
 
@@ -559,5 +561,5 @@ async def on_shutdown(app: web.Application) -> None:
     runs = app.get(BACKGROUND)
     if runs is not None:
         loop = asyncio.get_running_loop()
-        runs.begin_shutdown(loop.time() + runs.gateway.settings.graceful_timeout
-                            * SHUTDOWN_SHARE)
+        grace = runs.gateway.settings.graceful_timeout * SHUTDOWN_SHARE - SHUTDOWN_MARGIN
+        runs.begin_shutdown(loop.time() + max(0.0, grace))

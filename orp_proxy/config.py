@@ -437,7 +437,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("background_max_per_owner", "ORP_BACKGROUND_MAX_PER_OWNER", _positive_int,
             "Most unfinished background responses per credential, over all workers and hosts; "
             "past it, 429.", metavar="N"),
-    Setting("background_event_retention", "ORP_BACKGROUND_EVENT_RETENTION_SECONDS",
+    Setting("background_event_retention", "ORP_BACKGROUND_RETENTION",
             _non_negative_float,
             "How long a finished background response's stream events stay resumable "
             "(seconds); then they are dropped, the response itself stays.", metavar="SECONDS"),

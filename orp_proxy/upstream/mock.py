@@ -561,6 +561,7 @@ class MockUpstream:
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_post("/tokenize", self._handle_tokenize)
         app.router.add_get("/health", self._handle_health)
+        app.router.add_get("/mock/requests", self._handle_requests)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -589,6 +590,15 @@ class MockUpstream:
         count = _prompt_words(body["messages"])
         return web.json_response({"count": count, "max_model_len": 32768,
                                   "tokens": list(range(count))})
+
+    async def _handle_requests(self, request: web.Request) -> web.Response:
+        """What tests in another process need to know of the chat requests so far: when each
+        arrived, finished or saw its client go away (`time.monotonic()`, which is the same
+        clock in every process of the machine)."""
+        return web.json_response([
+            {"model": r.body.get("model"), "received_at": r.received_at,
+             "finished_at": r.finished_at, "disconnected_at": r.disconnected_at}
+            for r in self.requests])
 
     async def _handle_models(self, request: web.Request) -> web.Response:
         self.model_listings += 1
