@@ -273,7 +273,8 @@ class BackgroundRuns:
             if run.exchange is not None:
                 run.exchange.upstream.close()
         try:
-            if not run.final:
+            lost = run.stopping is not None and run.stopping[0] == "lost"
+            if not run.final and not lost:
                 # Ended by cancel, shutdown or a failure before the exchange settled it.
                 if not tc.finished:
                     self._apply_stop(run)
@@ -296,7 +297,7 @@ class BackgroundRuns:
         if how == "cancel":
             tc.cancel()
         else:
-            code, message = SHUTDOWN
+            code, message = WORKER_LOST if how == "lost" else SHUTDOWN
             tc.fail(code, message)
 
     async def _save_final(self, run: Run) -> None:
@@ -358,7 +359,7 @@ class BackgroundRuns:
             if end == run.flushed and not (run.final and not run.done.is_set()):
                 continue
             # A final run's list is complete: this batch ends its log.
-            batch = EventBatch(run.response_id, run.events[run.flushed:end],
+            batch = EventBatch(run.response_id, self.worker, run.events[run.flushed:end],
                                keep_until=time.time() + self.retention if run.final else None)
             batches.append((run, end, batch))
         if not batches:
@@ -366,7 +367,7 @@ class BackgroundRuns:
         delay = 0.05
         while True:
             try:
-                await self.store.append_events([b for _, _, b in batches])
+                refused = set(await self.store.append_events([b for _, _, b in batches]))
                 break
             except Exception:
                 log.exception("writing background events failed; retrying")
@@ -374,8 +375,14 @@ class BackgroundRuns:
                 delay = min(delay * 2, 2.0)
         for run, end, batch in batches:
             run.flushed = end
-            if batch.keep_until is not None:
+            if batch.keep_until is not None or run.response_id in refused:
                 run.done.set()
+            if run.response_id in refused and not run.final:
+                # Deleted, or taken over by another worker after our lease lapsed (this
+                # process stalled): whatever we do now would contradict the log. Stop.
+                log.warning("background response %s is no longer ours; stopping it",
+                            run.response_id)
+                self.stop(run, "lost")
             run.notify()
 
     # -- leases, orphans, retention -------------------------------------------------------
@@ -424,7 +431,7 @@ class BackgroundRuns:
             failed = {"type": "response.failed", "response": response,
                       "sequence_number": seq + 2}
             events = [StoredEvent(seq + 1, dumps(error)), StoredEvent(seq + 2, dumps(failed))]
-        await store.append_events([EventBatch(info.response_id, events,
+        await store.append_events([EventBatch(info.response_id, self.worker, events,
                                               keep_until=time.time() + self.retention)])
         metrics.BACKGROUND_FINISHED.labels("failed").inc()
         log.warning("background response %s: its worker %s stopped; ended failed (%s)",
@@ -487,7 +494,7 @@ class BackgroundRuns:
             run = self.runs.get(response_id)
             if run is not None:
                 changed = run.changed
-                fresh = [e for e in run.events if e.seq > cursor]
+                fresh = run.events[cursor + 1:]  # a run's events are seq 0, 1, 2, …
                 if fresh:
                     cursor = fresh[-1].seq
                     yield fresh

@@ -352,3 +352,38 @@ async def test_metrics_count_background_responses(proxy: Proxy, mock: MockUpstre
         text = await resp.text()
     assert 'orp_background_finished_total{status="completed"}' in text
     assert "orp_background_responses{" in text
+
+
+async def test_delete_while_running_stops_the_run(proxy: Proxy, mock: MockUpstream) -> None:
+    mock.enqueue(paced(WORDS, 0.05))
+    client = sdk(proxy)
+    created = await client.responses.create(model="mock", input="x", background=True)
+    await _wait_status(proxy, created.id, {"in_progress"})
+    await client.responses.delete(created.id)
+    await mock.wait_for_disconnect(-1, timeout=5)
+    await asyncio.sleep(0.2)  # a run that went on would write the response back by now
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(created.id)
+    assert proxy.server.app[BACKGROUND].runs == {}
+
+
+async def test_a_run_taken_over_elsewhere_stops_here(proxy: Proxy, mock: MockUpstream) -> None:
+    """This worker stalled past its lease and another worker took the run over: the next
+    write is refused, and the run stops here instead of contradicting the log."""
+    mock.enqueue(paced(WORDS, 0.05))
+    client = sdk(proxy)
+    created = await client.responses.create(model="mock", input="x", background=True)
+    await _wait_status(proxy, created.id, {"in_progress"})
+    runs = proxy.server.app[BACKGROUND]
+    taken = await runs.store.claim_expired_runs("elsewhere:2:alive", time.time() + 3600,
+                                                time.time() + 3600)
+    assert [info.response_id for info in taken] == [created.id]
+    await mock.wait_for_disconnect(-1, timeout=5)
+    for _ in range(100):
+        if not runs.runs:
+            break
+        await asyncio.sleep(0.02)
+    assert runs.runs == {}
+    owner = runs.gateway.store.owner_id("sk-client")
+    run = await runs.store.get_run(owner, created.id)
+    assert run is not None and run.worker == "elsewhere:2:alive" and not run.finished

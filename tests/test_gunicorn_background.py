@@ -136,6 +136,14 @@ async def _mock_requests(upstream: str) -> list[dict[str, Any]]:
         return found
 
 
+async def _until_in_progress(client: openai.AsyncOpenAI, response_id: str) -> None:
+    for _ in range(500):
+        if (await client.responses.retrieve(response_id)).status == "in_progress":
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{response_id} never became in_progress")
+
+
 def _check_output(server: Gunicorn) -> None:
     output = server.output()
     assert "Traceback" not in output and "database is locked" not in output.lower()
@@ -195,8 +203,7 @@ async def test_cancel_on_the_other_worker(server: Gunicorn, mock_process: str) -
             model="mock", input=" ".join(WORDS), background=True,
             extra_headers={"X-Request-Id": "bg-to-cancel"})
         assert _run_pid(server, created.id) == first_pid
-        while (await other.responses.retrieve(created.id)).status != "in_progress":
-            await asyncio.sleep(0.02)
+        await _until_in_progress(other, created.id)
         await asyncio.sleep(0.3)
         asked = time.monotonic()
         cancelled = await other.responses.cancel(created.id,
@@ -232,8 +239,7 @@ async def test_sigkill_of_the_running_worker_fails_the_response(server: Gunicorn
             model="mock", input=" ".join(WORDS), background=True,
             extra_headers={"X-Request-Id": "bg-to-kill"})
         assert _run_pid(server, created.id) == first_pid
-        while (await other.responses.retrieve(created.id)).status != "in_progress":
-            await asyncio.sleep(0.02)
+        await _until_in_progress(other, created.id)
         await asyncio.sleep(1.5)  # past the first progress save after in_progress
         events: list[Any] = []
         follower = asyncio.create_task(_read_all(other, created.id, events))
@@ -275,8 +281,7 @@ async def test_sigterm_lets_short_runs_finish_and_fails_the_rest(tmp_path: Path,
                                                   background=True)
             long = await client.responses.create(model="mock", input=" ".join(WORDS * 10),
                                                  background=True)
-            while (await client.responses.retrieve(long.id)).status != "in_progress":
-                await asyncio.sleep(0.02)
+            await _until_in_progress(client, long.id)
         listening = re.search(r"Listening at: \S+ \((\d+)\)", server.output())
         assert listening is not None
         os.kill(int(listening.group(1)), signal.SIGTERM)

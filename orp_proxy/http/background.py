@@ -171,3 +171,14 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
     if found is None:
         raise _not_found(response_id)  # deleted meanwhile
     return json_response(found)
+
+
+async def stop_before_delete(request: web.Request, owner: str, response_id: str) -> None:
+    """A background response still running is cancelled before it is deleted, so that its
+    run does not write it back."""
+    runs = request.app.get(BACKGROUND)
+    if runs is None:
+        return
+    info = await runs.store.get_run(owner, response_id)
+    if info is not None and not info.finished:
+        await runs.cancel(info)

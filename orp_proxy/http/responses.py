@@ -7,7 +7,12 @@ from typing import Any
 from aiohttp import web
 
 from orp_proxy.errors import NOT_FOUND, ApiError, invalid
-from orp_proxy.http.background import create_background, stream_response, wants_stream
+from orp_proxy.http.background import (
+    create_background,
+    stop_before_delete,
+    stream_response,
+    wants_stream,
+)
 from orp_proxy.http.request import credential, json_response, read_json_body, request_id
 from orp_proxy.http.sse import SSETransport, stream_events
 from orp_proxy.ops.access import attach_exchange
@@ -83,8 +88,9 @@ async def get_response(request: web.Request) -> web.StreamResponse:
 async def delete_response(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     response_id = request.match_info["response_id"]
-    deleted = await gateway.store.delete_response(
-        gateway.store.owner_id(credential(request)), response_id)
+    owner = gateway.store.owner_id(credential(request))
+    await stop_before_delete(request, owner, response_id)
+    deleted = await gateway.store.delete_response(owner, response_id)
     if not deleted:
         raise _not_found(response_id)
     return json_response({"id": response_id, "object": "response", "deleted": True})

@@ -60,6 +60,7 @@ class EventBatch:
     """
 
     response_id: str
+    worker: str  # the lease holder writing it; a batch for a run it no longer holds is refused
     events: list[StoredEvent]
     keep_until: float | None = None
 
@@ -176,9 +177,10 @@ class BackgroundStore(Protocol):
         when its worker died); its input items stay as saved (`record.input_items` unused)."""
         ...
 
-    async def append_events(self, batches: Sequence[EventBatch]) -> None:
+    async def append_events(self, batches: Sequence[EventBatch]) -> list[str]:
         """Append each batch to its run's log, finishing the runs whose batch says so, in one
-        transaction; wakes the waiters of topic `events:<response_id>`."""
+        transaction; wakes the waiters of topic `events:<response_id>`. A batch whose run is
+        gone, finished or leased to another worker is left out; returns those runs' ids."""
         ...
 
     async def read_events(self, response_id: str, after: int, limit: int = 500

@@ -630,10 +630,12 @@ class SQLiteStore:
 
         await self._write(lambda: self._in_thread(work))
 
-    async def append_events(self, batches: Sequence[EventBatch]) -> None:
+    async def append_events(self, batches: Sequence[EventBatch]) -> list[str]:
         """Every batch in one transaction (one thread trip)."""
-        if batches:
-            await self._write(lambda: self._in_thread(partial(_append_batches, list(batches))))
+        if not batches:
+            return []
+        return await self._write(lambda: self._in_thread(partial(_append_batches,
+                                                                 list(batches))))
 
     async def read_events(self, response_id: str, after: int, limit: int = 500
                           ) -> list[StoredEvent]:
@@ -971,9 +973,15 @@ def _insert_events(rows: list[tuple[str, int, str]], conn: sqlite3.Connection) -
     conn.executemany("INSERT INTO events (response_id, seq, body) VALUES (?, ?, ?)", rows)
 
 
-def _append_batches(batches: list[EventBatch], conn: sqlite3.Connection) -> None:
+def _append_batches(batches: list[EventBatch], conn: sqlite3.Connection) -> list[str]:
     """The inside of `append_events`' transaction (runs in the connection's thread)."""
+    refused = []
     for batch in batches:
+        held = conn.execute("SELECT 1 FROM runs WHERE response_id = ? AND worker = ? "
+                            "AND finished = 0", (batch.response_id, batch.worker)).fetchall()
+        if not held:
+            refused.append(batch.response_id)
+            continue
         if batch.events:
             _insert_events([(batch.response_id, e.seq, e.body) for e in batch.events], conn)
             conn.execute("UPDATE runs SET last_seq = ? WHERE response_id = ?",
@@ -981,6 +989,7 @@ def _append_batches(batches: list[EventBatch], conn: sqlite3.Connection) -> None
         if batch.keep_until is not None:
             conn.execute("UPDATE runs SET finished = 1, keep_until = ? WHERE response_id = ?",
                          (batch.keep_until, batch.response_id)).fetchall()
+    return refused
 
 
 def _run_info(row: Sequence[Any]) -> RunInfo:
