@@ -88,7 +88,8 @@ async def create_background(request: web.Request, body: dict[str, Any]) -> web.S
     owner = gateway.store.owner_id(credential(request))
     rid = request_id(request)
     history = await load_history(gateway, owner, body.get("previous_response_id"))
-    prepared = await prepare_exchange(gateway, body, owner=owner, history=history)
+    prepared = await prepare_exchange(gateway, body, owner=owner, history=history,
+                                      client_headers=request.headers)
     queued, first = await runs.submit(prepared, owner=owner, request_id=rid,
                                       authorization=request.get(UPSTREAM_AUTHORIZATION))
     headers = {"X-Request-Id": rid}
