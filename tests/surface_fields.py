@@ -72,7 +72,8 @@ FIELDS: Final[dict[str, tuple[str, str]]] = {
     "truncation": (NO_EFFECT, "ORP never truncates: \"disabled\" is what happens, and "
                    "\"auto\" only allows truncating (spec: MAY); an overflow is the upstream's "
                    "400 either way"),
-    "background": (REFUSED, "false/null accepted; true refused"),
+    "background": (HONOURED, "true: a background response (see Background responses); needs "
+                             "store"),
     "background_options": (REFUSED, "see its fields"),
     "background_options.completion_window": (REFUSED, "\"soonest\" accepted (no effect); "
                                              "\"2h\"/\"8h\" (background only) refused"),
@@ -110,7 +111,6 @@ ALWAYS_REFUSED: Final = frozenset({"conversation", "prompt", "moderation", "cont
 
 # Fields where only these (non-null) values pass; every other valid value is refused.
 ACCEPTED_ONLY: Final[dict[str, frozenset[object]]] = {
-    "background": frozenset({False}),
     "background_options.completion_window": frozenset({"soonest"}),
     "image.context_compression": frozenset({"auto", "disabled"}),
     "access_programs.cyber": frozenset({"standard"}),

@@ -35,8 +35,8 @@ NOT_IN_SDK = {"presence_penalty", "frequency_penalty", "client_metadata", "multi
 # Too wide to sample here; each has its own tests (test_validation, the tools' tests).
 NOT_SAMPLED = {"input", "tools", "tool_choice"}
 WEBSOCKET_ONLY = {"type", "generate", "stream_id"}
-# Valid over HTTP, refused on a socket (it always streams).
-WEBSOCKET_REFUSED = {"stream": frozenset({False})}
+# Valid over HTTP, refused on a socket (it always streams; the spec forbids background there).
+WEBSOCKET_REFUSED = {"stream": frozenset({False}), "background": frozenset({True})}
 
 _MISSING = object()
 
