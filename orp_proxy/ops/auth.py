@@ -125,7 +125,8 @@ AUTH = web.AppKey("orp_auth", Authenticator)
 
 # Routes that serve the store without calling the upstream (GET, DELETE; input items).
 STORE_ROUTES = frozenset({"/v1/responses/{response_id}",
-                          "/v1/responses/{response_id}/input_items"})
+                          "/v1/responses/{response_id}/input_items",
+                          "/v1/responses/{response_id}/cancel"})
 _CHECK_TIMEOUT = 10.0
 _CHECK_CACHE_SIZE = 10_000
 
