@@ -288,8 +288,8 @@ class Router:
                 break
             tried.append(d)
             if last is not None:
-                log.warning("request %s: failing over to %s after %s", request_id, d.name,
-                            last.error.code)
+                log.warning("request %s: failing over to %s after %s from %s", request_id,
+                            d.name, last.error.code, tried[-2].name)
             chat = build(d.upstream.quirks, d.upstream_model)
             d.begin()
             started = time.perf_counter()
@@ -311,6 +311,7 @@ class Router:
             d.observe(time.perf_counter() - started)
             self._succeeded(d)
             stream.on_done = d.end
+            stream.deployment = d.name
             if self._sticky_previous and hints is not None and hints.response_id:
                 affinity = self._affinity
                 affinity[hints.response_id] = d

@@ -10,8 +10,13 @@ deployment is out, stickiness, per-upstream quirks, /v1/models, /readyz and /met
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +293,84 @@ async def test_kill_a_replica_during_200_requests_no_failure_before_the_first_by
             await r.stop()
 
 
+@contextlib.contextmanager
+def mock_process(home: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """`scripts/mock_upstream.py` as its own process on `port`, pacing tokens 5 ms apart."""
+    home.mkdir(exist_ok=True)
+    log = home / f"mock-{time.monotonic_ns()}.log"
+    process = procs.spawn([sys.executable, str(procs.MOCK_UPSTREAM), "--port", str(port),
+                           "--interval-ms", "5"], cwd=home, env=procs.clean_env(home),
+                          stdout=log)
+    with procs.running(process):
+        procs.wait_for_line(log, procs.MOCK_LISTENING, process)
+        yield process
+
+
+async def test_sigkill_a_replica_process_during_200_streams(
+        tmp_path: Path, make_proxy: StartProxy) -> None:
+    """The replica `a` is a process of its own, killed with SIGKILL (no goodbye: connections
+    reset, nothing listening) while 8 clients stream, then started again on its port."""
+    others = {name: Replica(interval_ms=5) for name in "bc"}
+    for r in others.values():
+        await r.start()
+    port = procs.free_port()
+    fake = Replica()
+    fake.port = port
+    try:
+        with contextlib.ExitStack() as stack:
+            killed = stack.enter_context(mock_process(tmp_path / "a", port))
+            proxy = await make_proxy(config_text({"a": fake, **others}))
+            done = 0
+            reached = asyncio.Event()
+            refused: list[str] = []  # failures before the first byte: must stay empty
+            cut = 0  # streams that had started on `a` when it died: these may fail
+            completed = 0
+
+            async def client() -> None:
+                nonlocal done, cut, completed
+                while done < 200:
+                    done += 1
+                    if done >= 60:
+                        reached.set()
+                    async with proxy.session.post(proxy.url + "/responses", json={
+                            "model": "chat", "input": "one two three four five six seven",
+                            "stream": True, "store": False}) as resp:
+                        data = await resp.read()
+                        if resp.status != 200:
+                            refused.append(f"{resp.status} {data[:200]!r}")
+                        elif b"event: response.completed" in data:
+                            completed += 1
+                        else:
+                            assert b"event: response.failed" in data  # never a silent cut
+                            cut += 1
+
+            async def killer() -> None:
+                await reached.wait()
+                killed.kill()
+
+            await asyncio.gather(killer(), *(client() for _ in range(8)))
+            assert refused == []
+            assert completed + cut == 200
+            ready = await readyz(proxy)
+            assert deployment(ready, "chat", "a/chat-a")["state"] == "out"
+            stack.enter_context(mock_process(tmp_path / "a", port))
+
+            async def back() -> bool:
+                return deployment(await readyz(proxy), "chat", "a/chat-a")["state"] == "in"
+
+            await eventually(back, "the restarted replica is taken back")
+            labels = (("deployment", "a/chat-a"), ("model", "chat"))
+            before = (await scrape(proxy))["orp_deployment_requests_total"][labels]
+            for _ in range(10):
+                await ask(proxy, store=False)
+            after = (await scrape(proxy))["orp_deployment_requests_total"][labels]
+            assert after > before
+            print(f"SIGKILL: {completed} completed, {cut} cut mid-stream, 0 refused")
+    finally:
+        for r in others.values():
+            await r.stop()
+
+
 async def test_loading_model_503_fails_over_and_is_avoided_while_out(
         replicas: dict[str, Replica], make_proxy: StartProxy) -> None:
     proxy = await make_proxy(config_text(
@@ -501,11 +584,14 @@ async def scrape(proxy: Proxy) -> dict[str, dict[tuple[tuple[str, str], ...], fl
     return out
 
 
-async def test_metrics_per_deployment(replicas: dict[str, Replica],
-                                      make_proxy: StartProxy) -> None:
+async def test_metrics_per_deployment(replicas: dict[str, Replica], make_proxy: StartProxy,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="orp.access")
     proxy = await make_proxy(config_text(replicas))
     for _ in range(3):
         await ask(proxy, "other")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "orp.access"]
+    assert [line.get("deployment") for line in lines] == ["c/other-c"] * 3
     metrics = await scrape(proxy)
     labels = (("deployment", "c/other-c"), ("model", "other"))
     assert metrics["orp_deployment_requests_total"][labels] >= 3

@@ -113,6 +113,8 @@ def write_access_line(request: web.Request, record: AccessRecord, status: int,
                     outcome=response.get("status"), ttft_ms=_ms(ttft),
                     input_tokens=usage.get("input_tokens") if usage else None,
                     output_tokens=usage.get("output_tokens") if usage else None)
+        if exchange.upstream.deployment is not None:
+            line["deployment"] = exchange.upstream.deployment
         if response.get("status") == "incomplete" and response.get("incomplete_details"):
             line["incomplete_reason"] = response["incomplete_details"].get("reason")
         metrics.record_response(ttft=ttft, duration=now - record.started, usage=usage)

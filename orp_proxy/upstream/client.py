@@ -215,6 +215,8 @@ class UpstreamStream:
         self._released = False
         # Called once when the stream is released or closed (the router's in-flight count).
         self.on_done: Callable[[], None] | None = None
+        # Which configured deployment answers (`upstream/model`), for the access line.
+        self.deployment: str | None = None
 
     def _done(self) -> None:
         done, self.on_done = self.on_done, None
