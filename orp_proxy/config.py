@@ -448,6 +448,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("background_poll_interval", "ORP_BACKGROUND_POLL_INTERVAL", _positive_float,
             "SQLite store: how often streams following a background response run by another "
             "process, and cancel requests, are looked for (seconds).", metavar="SECONDS"),
+    Setting("hosted_tools", "ORP_HOSTED_TOOLS", _choice("drop", "refuse"),
+            "Hosted tools a Chat Completions backend cannot run (web_search*, file_search, "
+            "code_interpreter, image_generation, computer*, mcp, server-side tool_search, "
+            "shell in a container): 'drop' leaves them out (logged, and named in the "
+            "X-ORP-Dropped-Tools response header), 'refuse' answers 400.", metavar="MODE"),
+    Setting("undeclared_tools", "ORP_UNDECLARED_TOOLS", _choice("pass", "fail"),
+            "A model's call to a tool the request never declared: 'pass' sends it to the "
+            "client as a function_call (agents answer it as an unknown tool), 'fail' fails "
+            "the response with tool_not_allowed. allowed_tools and a forced tool_choice are "
+            "enforced either way.", metavar="MODE"),
 )
 
 
@@ -491,6 +501,8 @@ class Settings:
     reasoning_events: str = "auto"
     upstream_reasoning_field: str = "both"
     thinking_kwarg: str | None = None
+    hosted_tools: str = "drop"
+    undeclared_tools: str = "pass"
     max_line_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
     log_format: str = "json"

@@ -72,6 +72,8 @@ class Exchange:
     persist: Persistence | None = None
     new_items: list[dict[str, Any]] = field(default_factory=list)
     first_token_at: float | None = None
+    # Response headers that describe the exchange (X-ORP-Dropped-Tools), for HTTP transports.
+    headers: dict[str, str] = field(default_factory=dict)
 
     async def pump(self, deliver: Callable[[list[Event]], Awaitable[None]]) -> None:
         """Feed every upstream chunk, delivering events per read; the terminal events are left
@@ -185,6 +187,9 @@ class Exchange:
         try:
             await transport.send(tc.take())
             await self.pump(transport.send)
+            if tc.dropped_calls:
+                log.info("response %s: %d tool call(s) past max_tool_calls / "
+                         "parallel_tool_calls left out", tc.response["id"], tc.dropped_calls)
             await transport.finish(await self.settle())
         except (ConnectionError, ClientGone):  # a write to a gone client
             await self.interrupted()
@@ -203,7 +208,7 @@ class Exchange:
             error = response["error"]
             raise ApiError(_FAILURE_STATUS.get(error["code"], 502), error["message"],
                            type=_FAILURE_TYPE.get(error["code"], SERVER_ERROR),
-                           code=error["code"])
+                           code=error["code"], headers=self.headers)
         return response
 
 

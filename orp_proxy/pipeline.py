@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orp_proxy.config import Quirks, Settings
@@ -19,9 +19,9 @@ from orp_proxy.protocol.calls import check_outputs_answer_calls
 from orp_proxy.protocol.clients import reasoning_event_style
 from orp_proxy.protocol.resource import build_response, usage_from_chat
 from orp_proxy.protocol.summaries import REASONING, replay_sealed
+from orp_proxy.protocol.tools import ToolSet
 from orp_proxy.protocol.transcoder import Event, Transcoder
 from orp_proxy.protocol.translate import (
-    allowed_tool_names,
     build_chat_request,
     item_type,
     normalize_input,
@@ -126,10 +126,11 @@ async def warm_up(gateway: Gateway, body: dict[str, Any], *, owner: str,
 
 
 def chat_builder(settings: Settings, body: Mapping[str, Any], context: list[dict[str, Any]],
-                 *, instructions: str | None, append: dict[str, Any] | None = None
-                 ) -> BuildChat:
+                 *, instructions: str | None, append: dict[str, Any] | None = None,
+                 tools: ToolSet | None = None) -> BuildChat:
     """Makes the upstream body for whichever deployment the router picks (their quirks may
-    differ); the messages are translated once per kind of backend."""
+    differ); the messages are translated once per kind of backend. `tools`: the request's
+    `ToolSet` (call items and declared tools map through it)."""
     translated: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     def build(quirks: Quirks, upstream_model: str) -> dict[str, Any]:
@@ -138,12 +139,12 @@ def chat_builder(settings: Settings, body: Mapping[str, Any], context: list[dict
         if messages is None:
             messages = to_chat_messages(context, instructions=instructions,
                                         developer_role=quirks.developer_role,
-                                        reasoning_field=quirks.reasoning_field)
+                                        reasoning_field=quirks.reasoning_field, tools=tools)
             if append is not None:
                 messages.append(append)
             translated[kind] = messages
         return build_chat_request(body, messages, model=upstream_model, settings=settings,
-                                  quirks=quirks)
+                                  quirks=quirks, tools=tools)
 
     return build
 
@@ -165,13 +166,18 @@ class PreparedExchange:
     transcoder: Transcoder
     new_items: list[dict[str, Any]]
     persist: Persistence | None
+    dropped: list[str] = field(default_factory=list)  # hosted tools left out (ToolSet.dropped)
 
     async def open(self, gateway: Gateway, *, request_id: str,
                    authorization: str | None = None) -> Exchange:
         """Open the upstream stream (HTTP errors surface here as `ApiError`)."""
+        if self.dropped:
+            log.info("request %s: hosted tools dropped: %s", request_id,
+                     ", ".join(self.dropped))
         upstream = await gateway.router.open(self.model, self.build, request_id=request_id,
                                              authorization=authorization, hints=self.hints)
-        return Exchange(self.transcoder, upstream, self.persist, new_items=self.new_items)
+        return Exchange(self.transcoder, upstream, self.persist, new_items=self.new_items,
+                        headers=_dropped_header(self.dropped))
 
 
 async def prepare_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
@@ -189,13 +195,25 @@ async def prepare_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str
     # Compaction items go upstream as the summaries they seal, reasoning items with the text
     # their blob seals; the store keeps them as the client sent them.
     context = replay_sealed(gateway.compaction, owner, history, new_items)
-    build = chat_builder(settings, body, context, instructions=body.get("instructions"))
+    tools = ToolSet.build(body.get("tools"), context, hosted=settings.hosted_tools)
+    if body.get("tool_choice") == "required" and not tools:
+        raise ApiError(400, "Invalid value for 'tool_choice': 'required' needs a tool, and "
+                       "every tool declared runs on OpenAI's servers (see "
+                       "X-ORP-Dropped-Tools).", param="tool_choice", code="invalid_value",
+                       headers=_dropped_header(tools.dropped))
+    build = chat_builder(settings, body, context, instructions=body.get("instructions"),
+                         tools=tools)
     include = body.get("include") or ()
     reasoning = body.get("reasoning")
     cipher = gateway.compaction
+    # Calls past the limit are left out (the first ones to arrive are kept).
+    limit = 1 if body.get("parallel_tool_calls") is False else body.get("max_tool_calls")
     transcoder = Transcoder(
         build_response(body, model=model),
-        allowed_tools=allowed_tool_names(body),
+        tools=tools,
+        allowed_tools=tools.allowed(body.get("tool_choice")),
+        undeclared_tools=settings.undeclared_tools,
+        max_tool_calls=limit,
         reasoning_events=reasoning_event_style(settings.reasoning_events, client_headers),
         # `generate_summary` is the deprecated name of `summary`.
         reasoning_summary=isinstance(reasoning, dict) and (
@@ -209,7 +227,7 @@ async def prepare_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str
                        prompt_cache_key=body.get("prompt_cache_key"))
     persist = (Persistence(gateway.store, owner, new_items, settings.store_ttl_seconds or None)
                if body.get("store") is not False else None)
-    return PreparedExchange(model, build, hints, transcoder, new_items, persist)
+    return PreparedExchange(model, build, hints, transcoder, new_items, persist, tools.dropped)
 
 
 async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
@@ -224,3 +242,8 @@ async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,
     prepared = await prepare_exchange(gateway, body, owner=owner, history=history,
                                       client_headers=client_headers)
     return await prepared.open(gateway, request_id=request_id, authorization=authorization)
+
+
+def _dropped_header(dropped: list[str]) -> dict[str, str]:
+    """`X-ORP-Dropped-Tools: web_search, mcp:crm`: the hosted tools left out of the request."""
+    return {"X-ORP-Dropped-Tools": ", ".join(dropped)} if dropped else {}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from orp_proxy.config import FORWARDABLE_FIELDS, Settings
+from orp_proxy.protocol.tools import ToolSet
 from orp_proxy.protocol.translate import (
-    allowed_tool_names,
     build_chat_request,
     normalize_input,
     to_chat_messages,
@@ -300,13 +300,17 @@ def test_tool_choice_forms() -> None:
 
 
 def test_allowed_tool_names() -> None:
-    assert allowed_tool_names({"tools": TOOLS}) == {"get_sales", "send_email"}
-    assert allowed_tool_names({"tools": TOOLS, "tool_choice": "none"}) == set()
-    assert allowed_tool_names({}) == set()
-    assert allowed_tool_names({"tools": TOOLS, "tool_choice": {
+    def allowed(body: dict[str, Any]) -> frozenset[str] | None:
+        return ToolSet.build(body.get("tools")).allowed(body.get("tool_choice"))
+
+    assert allowed({"tools": TOOLS}) is None  # no restriction: undeclared calls per setting
+    assert allowed({"tools": TOOLS, "tool_choice": "required"}) is None
+    assert allowed({"tools": TOOLS, "tool_choice": "none"}) == set()
+    assert allowed({}) is None
+    assert allowed({"tools": TOOLS, "tool_choice": {
         "type": "allowed_tools", "tools": [{"type": "function", "name": "get_sales"}]}}) == {
         "get_sales"}
-    assert allowed_tool_names({"tools": TOOLS, "tool_choice": {
+    assert allowed({"tools": TOOLS, "tool_choice": {
         "type": "function", "name": "send_email"}}) == {"send_email"}
 
 

@@ -40,7 +40,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
                                     authorization=request.get(UPSTREAM_AUTHORIZATION),
                                     client_headers=request.headers)
     attach_exchange(request, exchange, stream=bool(body.get("stream")))
-    headers = {"X-Request-Id": rid}
+    headers = {"X-Request-Id": rid, **exchange.headers}
     if body.get("stream"):
         return await stream_events(exchange, request, headers)
     return json_response(await exchange.collect(), headers=headers)

@@ -18,7 +18,12 @@ def new_id(prefix: str) -> str:
 
 
 def _tool_echo(tool: dict[str, Any]) -> dict[str, Any]:
+    """A declared tool as the response echoes it: as declared (hosted tools ORP drops too; the
+    `X-ORP-Dropped-Tools` header names those), functions with every key of the spec's form."""
+    if tool.get("type") != "function":
+        return dict(tool)
     return {
+        **tool,
         "type": "function",
         "name": tool["name"],
         "description": tool.get("description"),
@@ -35,10 +40,10 @@ def _tool_choice_echo(choice: Any) -> Any:
     if choice.get("type") == "allowed_tools":
         return {
             "type": "allowed_tools",
-            "tools": [{"type": "function", "name": t["name"]} for t in choice["tools"]],
+            "tools": [dict(t) for t in choice["tools"]],
             "mode": choice.get("mode") or "auto",
         }
-    return {"type": "function", "name": choice["name"]}
+    return dict(choice)
 
 
 def _text_echo(text: Any) -> dict[str, Any]:

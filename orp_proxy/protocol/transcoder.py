@@ -15,6 +15,12 @@ Output items, in the order the model produces them:
   `function_call` item each. Servers that omit `index` (Gemini, Mistral) or send the same one
   for every call (Ollama) are handled too: a fragment with a new `id` (or, without ids, a new
   `name`) in a slot starts a new call there and ends the one before.
+  Each item has the type the called tool's kind has (`tools.ToolSet`): `function_call` (with
+  `namespace` for a namespace member), `custom_tool_call` (its input streamed out of the JSON
+  arguments as `response.custom_tool_call_input.*`), `shell_call`, `local_shell_call`,
+  `apply_patch_call`, `tool_search_call` (no argument events; the item is whole at `.done`).
+  A call to a tool the request never declared passes as a `function_call` unless
+  `undeclared_tools` is "fail"; calls past `max_tool_calls` are left out.
 Reasoning and message items are exclusive: one kind of content arriving closes the other.
 Function calls stay open until the upstream finishes, since fragments can come in any order.
 Only choice 0 is the answer; other choices (`n > 1`, misbehaving servers) are left out and
@@ -28,6 +34,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from orp_proxy.protocol.resource import new_id, usage_from_chat
+from orp_proxy.protocol.tools import (
+    CALL_ID_PREFIXES,
+    CALL_ITEM_TYPES,
+    JsonStringStream,
+    ToolSet,
+    ToolSpec,
+    call_fields,
+    call_fields_pending,
+)
 
 Event = dict[str, Any]
 
@@ -122,13 +137,20 @@ class _Item:
 class _Call(_Item):
     """An open function call; fragments may arrive before its name is known."""
 
-    __slots__ = ("announced", "arguments", "upstream_id")
+    __slots__ = ("announced", "arguments", "decoder", "dropped", "name", "spec", "streamed",
+                 "upstream_id")
 
     def __init__(self, item: dict[str, Any], output_index: int) -> None:
         super().__init__(item, output_index)
         self.arguments = _Text()
         self.announced = False
         self.upstream_id: str | None = None  # the call's `id` as the upstream sent it
+        self.dropped = False  # past the call limit: its fragments are swallowed
+        self.name: str | None = None  # the upstream function name, once it came
+        self.spec: ToolSpec | None = None  # the declared tool called (None: undeclared)
+        # Custom tools: the input decoded out of the arguments so far, and what was sent.
+        self.decoder: JsonStringStream | None = None
+        self.streamed = _Text()
 
 
 class ToolNotAllowed(Exception):
@@ -152,7 +174,7 @@ def _starts_new_call(call: _Call, upstream_id: str | None, name: str | None) -> 
     (without ids to compare) a different name once the call has one."""
     if upstream_id is not None and call.upstream_id is not None:
         return upstream_id != call.upstream_id
-    return bool(name) and call.announced and name != call.item["name"]
+    return bool(name) and call.name is not None and name != call.name
 
 
 class Transcoder:
@@ -160,8 +182,11 @@ class Transcoder:
 
     `response` is the in-progress response object (see `resource.build_response`); it is
     updated in place and is the final object once a terminal event has been produced.
-    `allowed_tools` is the set of function names the model may call; a call to any other name
-    fails the response instead of reaching the client (the spec's hard `allowed_tools` rule).
+    `tools` maps upstream function names back to the declared tools. `allowed_tools`, when
+    given, is the set of upstream names the model may call; a call to any other name fails the
+    response instead of reaching the client (the spec's hard `allowed_tools` rule). Without it, a
+    call to an undeclared name passes as a `function_call`, or fails if `undeclared_tools` is
+    "fail". At most `max_tool_calls` calls reach the client: the first ones to get a name.
     `reasoning_summary` presents reasoning as the item's summary too (the request set
     `reasoning.summary`); `seal_reasoning` (given when the request includes
     `reasoning.encrypted_content`) turns a reasoning item's text into its `encrypted_content`.
@@ -171,7 +196,10 @@ class Transcoder:
         self,
         response: dict[str, Any],
         *,
-        allowed_tools: Iterable[str] = (),
+        tools: ToolSet | None = None,
+        allowed_tools: Iterable[str] | None = None,
+        undeclared_tools: str = "pass",
+        max_tool_calls: int | None = None,
         reasoning_events: str = "spec",
         reasoning_summary: bool = False,
         seal_reasoning: Callable[[str], str] | None = None,
@@ -180,7 +208,12 @@ class Transcoder:
     ) -> None:
         self.response = response
         self._new_id = id_factory
-        self.allowed_tools = frozenset(allowed_tools)
+        self.tools = tools if tools is not None else ToolSet()
+        self.allowed_tools = None if allowed_tools is None else frozenset(allowed_tools)
+        self.undeclared_tools = undeclared_tools
+        self.max_tool_calls = max_tool_calls
+        self.announced_calls = 0
+        self.dropped_calls = 0  # calls past `max_tool_calls`, left out
         self._reasoning_delta, self._reasoning_done = REASONING_EVENT_NAMES[reasoning_events]
         self._summary = reasoning_summary
         self._seal = seal_reasoning
@@ -309,7 +342,7 @@ class Transcoder:
         reason = _INCOMPLETE_REASONS.get(finish_reason)
         if reason is None:
             if any(c.upstream_id or c.arguments for c in self._calls.values()
-                   if not c.announced):
+                   if not c.announced and not c.dropped):
                 # Not "completed" without the call the model made. (A response cut short is
                 # `incomplete` anyway: there the unfinished call is left out.)
                 self.fail("upstream_tool_call_without_name",
@@ -604,11 +637,8 @@ class Transcoder:
                 call.upstream_id = call.item["call_id"] = upstream_id
             if not name:
                 return  # `output_item.added` needs the name: hold the fragments until it comes
-            if name not in self.allowed_tools:
-                raise ToolNotAllowed(name)
-            call.item["name"] = name
-            call.output_index = self._open_item(call.item)
-            call.announced = True
+            if not self._announce(call, name):
+                return
             if call.arguments:
                 self._emit_arguments(call, call.arguments.value())
         self._last = call
@@ -617,12 +647,65 @@ class Transcoder:
         """Close a call that a new one replaced in its slot."""
         if call.announced:
             self._close(call, "completed")
-        elif call.upstream_id or call.arguments:
+        elif (call.upstream_id or call.arguments) and not call.dropped:
             raise StreamFailure("upstream_tool_call_without_name",
                                 "The upstream sent a tool call whose function name never "
                                 "arrived")
 
+    def _announce(self, call: _Call, name: str) -> bool:
+        """The call's name arrived: its item opens (False: it is over the limit, dropped)."""
+        if call.dropped:
+            return False
+        call.name = name
+        spec = self.tools.lookup(name)
+        if self.allowed_tools is not None and name not in self.allowed_tools:
+            raise ToolNotAllowed(name)
+        if spec is None and self.undeclared_tools == "fail":
+            raise ToolNotAllowed(name)
+        if self.max_tool_calls is not None and self.announced_calls >= self.max_tool_calls:
+            call.dropped = True
+            self.dropped_calls += 1
+            return False
+        self.announced_calls += 1
+        kind = spec.kind if spec is not None else "function"
+        item = call.item
+        call_id = item["call_id"]
+        item.clear()
+        item.update(id=call.id if kind == "function" else self._new_id(CALL_ID_PREFIXES[kind]),
+                    type=CALL_ITEM_TYPES[kind], status="in_progress", call_id=call_id)
+        if kind in ("function", "custom"):
+            item["name"] = spec.name if spec is not None else name
+            if spec is not None and spec.namespace is not None:
+                item["namespace"] = spec.namespace
+        item.update(call_fields_pending(spec))
+        call.id = item["id"]
+        call.spec = spec
+        if kind == "custom":
+            call.decoder = JsonStringStream()
+        call.output_index = self._open_item(item)
+        call.announced = True
+        return True
+
+    def _emit_input(self, call: _Call, delta: str) -> None:
+        self._emit(
+            {
+                "type": "response.custom_tool_call_input.delta",
+                "item_id": call.id,
+                "output_index": call.output_index,
+                "delta": delta,
+            }
+        )
+
     def _emit_arguments(self, call: _Call, delta: str) -> None:
+        decoder = call.decoder
+        if decoder is not None:
+            text = decoder.feed(delta)
+            if text:
+                call.streamed.append(text)
+                self._emit_input(call, text)
+            return
+        if call.spec is not None and call.spec.kind != "function":
+            return  # built-in calls: the item is whole at `output_item.done`
         self._emit(
             {
                 "type": "response.function_call_arguments.delta",
@@ -674,17 +757,7 @@ class Transcoder:
     def _close(self, open_item: _Item, status: str) -> None:
         item = open_item.item
         if isinstance(open_item, _Call):
-            arguments = open_item.arguments.value()
-            item["arguments"] = arguments
-            item["status"] = status
-            self._emit(
-                {
-                    "type": "response.function_call_arguments.done",
-                    "item_id": open_item.id,
-                    "output_index": open_item.output_index,
-                    "arguments": arguments,
-                }
-            )
+            self._close_call(open_item, status)
         else:
             if open_item.part is not None:
                 self._close_part(open_item, open_item.part)
@@ -695,12 +768,36 @@ class Transcoder:
              "item": item}
         )
 
+    def _close_call(self, call: _Call, status: str) -> None:
+        arguments = call.arguments.value()
+        item = call.item
+        item.update(call_fields(call.spec, arguments))
+        item["status"] = status
+        kind = call.spec.kind if call.spec is not None else "function"
+        base = {"item_id": call.id, "output_index": call.output_index}
+        if kind == "function":
+            self._emit({"type": "response.function_call_arguments.done", **base,
+                        "arguments": arguments})
+        elif kind == "custom":
+            assert call.decoder is not None
+            streamed = call.streamed.value()
+            final = streamed if call.decoder.done else item["input"]
+            if final != streamed and final.startswith(streamed):
+                # The arguments were not the `{"input": ...}` asked for: what the decoder
+                # could not stream comes now, so the deltas still add up to the input.
+                self._emit_input(call, final[len(streamed):])
+            item["input"] = final
+            self._emit({"type": "response.custom_tool_call_input.done", **base,
+                        "input": final})
+
     def _abandon_open_items(self) -> None:
         """Settle open items as incomplete with the text they have, without events."""
         for open_item in self._open_items():
             item = open_item.item
             if isinstance(open_item, _Call):
-                item["arguments"] = open_item.arguments.value()
+                item.update(call_fields(open_item.spec, open_item.arguments.value()))
+                if open_item.decoder is not None:
+                    item["input"] = open_item.streamed.value()
             elif open_item.part is not None:
                 part = open_item.part
                 key = "refusal" if part.kind == "refusal" else "text"

@@ -13,6 +13,7 @@ from typing import Any
 
 from orp_proxy.config import Quirks, Settings
 from orp_proxy.protocol.resource import new_id
+from orp_proxy.protocol.tools import ToolSet, call_arguments, call_kind, output_text
 
 _ID_PREFIX = {
     "message": "msg",
@@ -20,7 +21,22 @@ _ID_PREFIX = {
     "function_call_output": "fco",
     "reasoning": "rs",
     "compaction": "cmp",
+    "custom_tool_call": "ctc",
+    "custom_tool_call_output": "ctco",
+    "shell_call": "sh",
+    "shell_call_output": "sho",
+    "local_shell_call": "lsh",
+    "apply_patch_call": "apc",
+    "apply_patch_call_output": "apco",
+    "tool_search_call": "tsc",
+    "tool_search_output": "tso",
 }
+# Items that become an assistant message's `tool_calls`, and those that become `tool` messages.
+CALL_ITEMS = frozenset({"function_call", "custom_tool_call", "shell_call", "local_shell_call",
+                        "apply_patch_call", "tool_search_call"})
+OUTPUT_ITEMS = frozenset({"function_call_output", "custom_tool_call_output", "shell_call_output",
+                          "local_shell_call_output", "apply_patch_call_output",
+                          "tool_search_output"})
 
 
 def item_type(item: Mapping[str, Any]) -> str:
@@ -152,9 +168,13 @@ REASONING_FIELDS = {
 class _Messages:
     """Accumulates chat messages, merging what Chat Completions keeps in one message."""
 
-    def __init__(self, developer_role: str, reasoning_field: str = "both") -> None:
+    def __init__(self, developer_role: str, tools: ToolSet,
+                 reasoning_field: str = "both") -> None:
         self.messages: list[dict[str, Any]] = []
         self.developer_role = developer_role
+        self.tools = tools
+        # local_shell_call_output names its call by the call item's `id`: id → call_id.
+        self._local_shell_ids: dict[str, str] = {}
         self.reasoning_fields = REASONING_FIELDS[reasoning_field]
         # Reasoning waiting for the assistant message it belongs to (the next one).
         self._reasoning: list[str] = []
@@ -175,13 +195,13 @@ class _Messages:
                 if text:
                     self._reasoning.append(text)
             return
-        if kind != "function_call_output":
+        if kind not in OUTPUT_ITEMS:
             self._flush_media()
         if kind == "message":
             self._message(item)
-        elif kind == "function_call":
+        elif kind in CALL_ITEMS:
             self._function_call(item)
-        elif kind == "function_call_output":
+        elif kind in OUTPUT_ITEMS:
             self._function_output(item)
         # Whatever reasoning is still pending was not followed by the model's own output (a
         # user message came next): no assistant message carries it, so it stays out.
@@ -237,10 +257,15 @@ class _Messages:
         self.messages.append(message)
 
     def _function_call(self, item: Mapping[str, Any]) -> None:
+        kind = call_kind(item)
+        call_id = item.get("call_id") or item.get("id") or new_id("call")
+        if kind == "local_shell" and item.get("id"):
+            self._local_shell_ids[item["id"]] = call_id
+        name = self.tools.upstream_name(kind, item.get("name"), item.get("namespace"))
         call = {
-            "id": item["call_id"],
+            "id": call_id,
             "type": "function",
-            "function": {"name": item["name"], "arguments": item["arguments"]},
+            "function": {"name": name, "arguments": call_arguments(item)},
         }
         last = self.messages[-1] if self.messages else None
         if last is not None and last["role"] == "assistant":
@@ -256,6 +281,14 @@ class _Messages:
             self.messages.append(message)
 
     def _function_output(self, item: Mapping[str, Any]) -> None:
+        text_only = output_text(item)
+        if text_only is not None:
+            call_id = item.get("call_id")
+            if item["type"] == "local_shell_call_output":
+                call_id = self._local_shell_ids.get(item["id"], item["id"])
+            self.messages.append({"role": "tool", "tool_call_id": call_id or "",
+                                  "content": text_only})
+            return
         output = item["output"]
         if isinstance(output, str):
             text = output
@@ -276,14 +309,16 @@ class _Messages:
 
 def to_chat_messages(
     items: Iterable[Mapping[str, Any]], *, instructions: str | None, developer_role: str,
-    reasoning_field: str = "both",
+    reasoning_field: str = "both", tools: ToolSet | None = None,
 ) -> list[dict[str, Any]]:
     """Chat messages for a context of items, `instructions` first as a system message.
 
     A reasoning item goes on the assistant message that follows it (the text and tool calls of
     the same turn), in the field(s) `reasoning_field` names; nothing else carries it.
+    `tools` names the upstream functions of call items (namespaced, custom and built-in).
     """
-    builder = _Messages(developer_role, reasoning_field)
+    builder = _Messages(developer_role, tools if tools is not None else ToolSet(),
+                        reasoning_field)
     if instructions:
         builder.messages.append({"role": "system", "content": instructions})
     for item in items:
@@ -292,48 +327,6 @@ def to_chat_messages(
 
 
 # -- tools and the rest of the body -------------------------------------------------------
-
-
-def allowed_tool_names(body: Mapping[str, Any]) -> frozenset[str]:
-    """Names the model may call in this request (enforced on the way back)."""
-    names = [tool["name"] for tool in body.get("tools") or ()]
-    choice = body.get("tool_choice")
-    if choice == "none":
-        return frozenset()
-    if isinstance(choice, dict):
-        if choice.get("type") == "allowed_tools":
-            if choice.get("mode") == "none":
-                return frozenset()
-            return frozenset(t["name"] for t in choice["tools"]) & frozenset(names)
-        return frozenset({choice["name"]})
-    return frozenset(names)
-
-
-def _chat_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
-    function: dict[str, Any] = {"name": tool["name"]}
-    if tool.get("description") is not None:
-        function["description"] = tool["description"]
-    function["parameters"] = tool.get("parameters") or {"type": "object", "properties": {}}
-    if tool.get("strict") is not None:
-        function["strict"] = tool["strict"]
-    return {"type": "function", "function": function}
-
-
-def _chat_tool_choice(choice: Any, object_form: bool = True) -> Any:
-    """The chat `tool_choice`. `object_form` False: the backend takes only the string forms,
-    so a forced tool becomes "required" (the allowed set is enforced on the way back)."""
-    if isinstance(choice, str):
-        return choice
-    if choice.get("type") == "allowed_tools":
-        # All tools stay visible upstream (the prompt cache stays warm); the subset is
-        # enforced on the way back. A single required tool can be forced exactly.
-        mode = choice.get("mode") or "auto"
-        if mode == "required" and len(choice["tools"]) == 1 and object_form:
-            return {"type": "function", "function": {"name": choice["tools"][0]["name"]}}
-        return mode
-    if not object_form:
-        return "required"
-    return {"type": "function", "function": {"name": choice["name"]}}
 
 
 def _response_format(text: Any) -> dict[str, Any] | None:
@@ -364,9 +357,11 @@ def build_chat_request(
     model: str,
     settings: Settings,
     quirks: Quirks | None = None,
+    tools: ToolSet | None = None,
 ) -> dict[str, Any]:
     """The Chat Completions body: always streamed, always asking for usage. `quirks`: the
-    target upstream's (default: the process-wide settings')."""
+    target upstream's (default: the process-wide settings'). `tools`: the request's `ToolSet`
+    (built from `body` if not given)."""
     q = quirks if quirks is not None else settings.quirks
     chat: dict[str, Any] = {
         "model": model,
@@ -374,11 +369,13 @@ def build_chat_request(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    tools = body.get("tools")
+    if tools is None:
+        tools = ToolSet.build(body.get("tools"))
     if tools:
-        chat["tools"] = [_chat_tool(t) for t in tools]
+        chat["tools"] = tools.chat_tools()
         if body.get("tool_choice") is not None:
-            chat["tool_choice"] = _chat_tool_choice(body["tool_choice"], q.tool_choice_object)
+            chat["tool_choice"] = tools.chat_tool_choice(body["tool_choice"],
+                                                         q.tool_choice_object)
         if body.get("parallel_tool_calls") is not None:
             chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     response_format = _response_format(body.get("text"))

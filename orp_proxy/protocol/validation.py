@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import Any, Final
 
 from orp_proxy.errors import ApiError, invalid
+from orp_proxy.protocol.tools import BUILTIN_TYPES, HOSTED_TYPES
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -414,6 +415,8 @@ class _Shape:
     fields: Mapping[str, _Check]
     required: tuple[str, ...] = ()
     after: _ObjectCheck | None = None
+    # Hosted tools: ORP does not use their settings, so any key passes (`after` bounds depth).
+    open_fields: bool = False
 
     def check(self, value: Any, path: str) -> None:
         if not isinstance(value, dict):
@@ -422,6 +425,8 @@ class _Shape:
         for key, item in value.items():
             field_check = fields.get(key)
             if field_check is None:
+                if self.open_fields:
+                    continue
                 raise _unknown(_join(path, key))
             field_check(item, path, key)
         for key in self.required:
@@ -517,18 +522,60 @@ _INPUT_FILE = _Shape(
 _INPUT_VIDEO = _Shape({"type": _skip, "video_url": _STRING}, ("video_url",))
 
 _FUNCTION_CHOICE = _Shape({"type": _skip, "name": _STRING}, ("name",))
+_BUILTIN_CHOICE = _Shape({"type": _skip})
+# The tools a choice can name: those that become an upstream function.
+_CHOICE_TARGETS: Final = {
+    "function": _FUNCTION_CHOICE,
+    "custom": _FUNCTION_CHOICE,
+    **{kind: _BUILTIN_CHOICE for kind in BUILTIN_TYPES},
+}
 _ALLOWED_TOOLS = _Shape(
     {
         "type": _skip,
-        "tools": _array(
-            _union_of({"function": _FUNCTION_CHOICE}), min_items=1, max_items=_MAX_ALLOWED_TOOLS
-        ),
+        "tools": _array(_union_of(_CHOICE_TARGETS), min_items=1, max_items=_MAX_ALLOWED_TOOLS),
         "mode": _enum("none", "auto", "required"),
     },
     ("tools",),
 )
 _TOOL_CHOICE_MODES: Final = ("none", "auto", "required")
-_TOOL_CHOICE_SHAPES: Final = {"function": _FUNCTION_CHOICE, "allowed_tools": _ALLOWED_TOOLS}
+_TOOL_CHOICE_SHAPES: Final = {**_CHOICE_TARGETS, "allowed_tools": _ALLOWED_TOOLS}
+
+
+def _opt_name(value: Any, parent: str, key: str) -> None:
+    if value is not None:
+        _name(value, parent, key)
+
+
+def _no_async(value: Any, parent: str, key: str) -> None:
+    if value is True:
+        path = _join(parent, key)
+        raise invalid(f"Unsupported value for '{path}': asynchronous tool calls are not "
+                      "supported by this gateway.", path, "unsupported_value")
+    _boolean(nullable=True)(value, parent, key)
+
+
+def _directly_callable(tool: dict[str, Any], path: str) -> None:
+    callers = tool.get("allowed_callers")
+    if callers is not None and "direct" not in callers:
+        raise invalid(f"Unsupported value for '{path}.allowed_callers': this gateway has no "
+                      "programmatic tool calling, so a tool must allow 'direct' calls.",
+                      f"{path}.allowed_callers", "unsupported_value")
+
+
+def _string_item(value: Any, path: str) -> None:
+    if not isinstance(value, str):
+        raise _type_error(path, "a string", value)
+
+
+def _string_map(value: Any, parent: str, key: str) -> None:
+    if value is None:
+        return
+    path = _join(parent, key)
+    if not isinstance(value, dict):
+        raise _type_error(path, "an object", value)
+    for name, entry in value.items():
+        if not isinstance(entry, str):
+            raise _type_error(_join(path, name), "a string", entry)
 
 
 def _tool_choice(value: Any, parent: str, key: str) -> None:
@@ -630,6 +677,16 @@ _ITEM_TYPES: Final = (
     "message",
     "function_call",
     "function_call_output",
+    "custom_tool_call",
+    "custom_tool_call_output",
+    "shell_call",
+    "shell_call_output",
+    "local_shell_call",
+    "local_shell_call_output",
+    "apply_patch_call",
+    "apply_patch_call_output",
+    "tool_search_call",
+    "tool_search_output",
     "reasoning",
     "item_reference",
     "compaction",
@@ -735,6 +792,7 @@ class _Validator:
                     "type": _skip,
                     "call_id": _ID_FIELD,
                     "name": _name,
+                    "namespace": _opt_name,
                     "arguments": _STRING,
                     "status": _STATUS,
                 },
@@ -770,6 +828,7 @@ class _Validator:
                 },
                 ("summary",),
             ),
+            **self._tool_items(text, self._text_or_parts(tool_output_parts)),
             "item_reference": _Shape({"type": _skip, "id": _STRING}, ("id",)),
             "compaction": _Shape(
                 {
@@ -783,19 +842,7 @@ class _Validator:
         }
 
         schema = _schema(limit=limits.max_schema_depth, nullable=False)
-        self.tools: dict[str, _Shape] = {
-            "function": _Shape(
-                {
-                    "type": _skip,
-                    "name": _name,
-                    "description": _OPT_STRING,
-                    "parameters": _schema(limit=limits.max_schema_depth, nullable=True),
-                    # Nullable because the openai SDK's FunctionToolParam sends `strict: null`.
-                    "strict": _boolean(nullable=True),
-                },
-                ("name",),
-            )
-        }
+        self.tools = self._tool_shapes(text)
         text_formats = {
             "text": _Shape({"type": _skip}),
             "json_schema": _Shape(
@@ -888,6 +935,157 @@ class _Validator:
             ("model",),
         )
 
+    # -- tools and their items ---------------------------------------------------------------
+
+    def _tool_shapes(self, text: _Check) -> dict[str, _Shape]:
+        """Every declarable tool: those that translate, and hosted ones (`tools.HOSTED_TYPES`)
+        whose settings are not read (ORP drops or refuses them)."""
+        depth = self.limits.max_schema_depth
+        nullable_schema = _schema(limit=depth, nullable=True)
+        callers = _array(self._element_as_item(_enum("direct", "programmatic")), nullable=True)
+        common: dict[str, _Check] = {
+            "type": _skip,
+            "name": _name,
+            "description": _OPT_STRING,
+            "defer_loading": _boolean(nullable=True),
+            "allowed_callers": callers,
+            "async": _no_async,
+        }
+        function = _Shape(
+            {
+                **common,
+                "parameters": nullable_schema,
+                # Nullable because the openai SDK's FunctionToolParam sends `strict: null`.
+                "strict": _boolean(nullable=True),
+                "output_schema": nullable_schema,
+            },
+            ("name",),
+            after=_directly_callable,
+        )
+        grammar = _Shape({"type": _skip, "syntax": _enum("lark", "regex"), "definition": text},
+                         ("syntax", "definition"))
+        custom_formats = {"text": _Shape({"type": _skip}), "grammar": grammar}
+        custom = _Shape(
+            {**common, "format": self._element_as_field(_union_of(custom_formats,
+                                                                  nullable=True))},
+            ("name",),
+            after=_directly_callable,
+        )
+        members = _union_of({"function": function, "custom": custom})
+
+        def unique_members(tool: dict[str, Any], path: str) -> None:
+            _unique_names(tool["tools"], f"{path}.tools")
+
+        def bounded(tool: dict[str, Any], path: str) -> None:
+            _check_depth(tool, path, depth, "tool")
+
+        hosted = _Shape({"type": _skip}, open_fields=True, after=bounded)
+        builtin = {"type": _skip, "allowed_callers": callers}
+        return {
+            "function": function,
+            "custom": custom,
+            "namespace": _Shape(
+                {
+                    "type": _skip,
+                    "name": _name,
+                    "description": _OPT_STRING,
+                    "tools": _array(members, min_items=1, max_items=self.limits.max_tools),
+                },
+                ("name", "tools"),
+                after=unique_members,
+            ),
+            "tool_search": _Shape({"type": _skip,
+                                   "execution": _enum("server", "client", nullable=True),
+                                   "description": _OPT_STRING,
+                                   "parameters": nullable_schema}),
+            "local_shell": _Shape({"type": _skip}),
+            "shell": _Shape({**builtin, "environment": _schema(limit=depth, nullable=True)},
+                            after=_directly_callable),
+            "apply_patch": _Shape(builtin, after=_directly_callable),
+            **{kind: hosted for kind in sorted(HOSTED_TYPES)},
+        }
+
+    def _tool_items(self, text: _Check, tool_output: _Check) -> dict[str, _Shape]:
+        """The call and output items of the client-executed tools (`tools.CALL_ITEM_TYPES`)."""
+        base: dict[str, _Check] = {"id": _OPT_STRING, "type": _skip, "status": _STATUS,
+                                   "created_by": _OPT_STRING}
+        strings = _array(_string_item)
+        opt_int = _integer(minimum=0)
+        outcome = _union_of({
+            "exit": _Shape({"type": _skip, "exit_code": _integer(minimum=-(2**31),
+                                                                 nullable=False)},
+                           ("exit_code",)),
+            "timeout": _Shape({"type": _skip}),
+        })
+        shell_output = _Shape({"stdout": text, "stderr": text,
+                               "outcome": self._element_as_field(outcome),
+                               "created_by": _OPT_STRING}, ("stdout", "stderr", "outcome"))
+        path_field = {"type": _skip, "path": text}
+        operation = _union_of({
+            "create_file": _Shape({**path_field, "diff": text}, ("path", "diff")),
+            "update_file": _Shape({**path_field, "diff": text}, ("path", "diff")),
+            "delete_file": _Shape(path_field, ("path",)),
+        })
+        depth = self.limits.max_schema_depth
+        return {
+            "custom_tool_call": _Shape(
+                {**base, "call_id": _ID_FIELD, "name": _name, "namespace": _opt_name,
+                 "input": text},
+                ("call_id", "name", "input"),
+            ),
+            "custom_tool_call_output": _Shape(
+                {**base, "call_id": _ID_FIELD, "output": tool_output}, ("call_id", "output")
+            ),
+            "shell_call": _Shape(
+                {**base, "call_id": _ID_FIELD,
+                 "action": _object_of(_Shape({"commands": strings, "timeout_ms": opt_int,
+                                              "max_output_length": opt_int}, ("commands",))),
+                 "environment": _schema(limit=depth, nullable=True)},
+                ("call_id", "action"),
+            ),
+            "shell_call_output": _Shape(
+                {**base, "call_id": _ID_FIELD,
+                 "output": _array(self._element_as_item(_object_of(shell_output))),
+                 "max_output_length": opt_int},
+                ("call_id", "output"),
+            ),
+            "local_shell_call": _Shape(
+                {**base, "call_id": _ID_FIELD,
+                 "action": _object_of(_Shape({"type": _enum("exec"), "command": strings,
+                                              "env": _string_map, "timeout_ms": opt_int,
+                                              "user": _OPT_STRING,
+                                              "working_directory": _OPT_STRING},
+                                             ("command",)))},
+                ("call_id", "action"),
+            ),
+            "local_shell_call_output": _Shape({**base, "id": _ID_FIELD, "output": text},
+                                              ("id", "output")),
+            "apply_patch_call": _Shape(
+                {**base, "call_id": _ID_FIELD,
+                 "operation": self._element_as_field(operation)},
+                ("call_id", "operation"),
+            ),
+            "apply_patch_call_output": _Shape(
+                {**base, "call_id": _ID_FIELD, "status": _enum("completed", "failed"),
+                 "output": _OPT_STRING},
+                ("call_id", "status"),
+            ),
+            "tool_search_call": _Shape(
+                {**base, "call_id": _string(nullable=True, non_empty=True,
+                                            max_len=_MAX_ID_FIELD_LENGTH),
+                 "arguments": _schema(limit=depth, nullable=True),
+                 "execution": _enum("server", "client", nullable=True)},
+                ("arguments",),
+            ),
+            "tool_search_output": _Shape(
+                {**base, "call_id": _string(nullable=True, non_empty=True,
+                                            max_len=_MAX_ID_FIELD_LENGTH),
+                 "tools": self._tools,
+                 "execution": _enum("server", "client", nullable=True)},
+                ("tools",),
+            ),
+        }
+
     # -- helpers that close over self ---------------------------------------------------------
 
     def _text_or_parts(self, parts: Mapping[str, _Shape]) -> _Check:
@@ -972,19 +1170,9 @@ class _Validator:
         if not isinstance(value, list):
             raise _type_error(path, "an array", value)
         _check_length(value, path, 0, self.limits.max_tools)
-        seen: set[str] = set()
         for i, tool in enumerate(value):
-            tool_path = f"{path}[{i}]"
-            _dispatch(tool, tool_path, self.tools)
-            name = tool["name"]
-            if name in seen:
-                raise invalid(
-                    f"Invalid '{tool_path}.name': duplicate tool name {_show(name)}. "
-                    "Tool names must be unique.",
-                    f"{tool_path}.name",
-                    "invalid_value",
-                )
-            seen.add(name)
+            _dispatch(tool, f"{path}[{i}]", self.tools)
+        _unique_names(value, path)
 
     def _client_metadata(self, value: Any, parent: str, key: str) -> None:
         if value is None:
@@ -1026,6 +1214,28 @@ class _Validator:
                 raise _too_long(entry_path, limits.max_metadata_value_length, len(entry))
 
 
+def _unique_names(tools: list[dict[str, Any]], path: str) -> None:
+    """Named tools (functions, custom tools, namespaces) unique by name; built-ins by type."""
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        kind = tool["type"]
+        if "name" in tool and kind in ("function", "custom", "namespace"):
+            key, what, field_path = tool["name"], "tool name", f"{path}[{i}].name"
+        elif kind in BUILTIN_TYPES:
+            key, what, field_path = f"type:{kind}", "tool type", f"{path}[{i}].type"
+        else:
+            continue
+        if key in seen:
+            shown = tool["name"] if what == "tool name" else kind
+            raise invalid(
+                f"Invalid '{field_path}': duplicate {what} {_show(shown)}. "
+                f"Each {what} may be declared once.",
+                field_path,
+                "invalid_value",
+            )
+        seen.add(key)
+
+
 @lru_cache(maxsize=16)
 def _validator(limits: RequestLimits) -> _Validator:
     return _Validator(limits)
@@ -1058,25 +1268,43 @@ def _require_input(body: dict[str, Any]) -> None:
         )
 
 
+def _declares(tools: Any, entry: dict[str, Any]) -> bool:
+    """Whether `tools` declares what a tool choice (or allowed_tools entry) names; a function
+    or custom tool may be a namespace member."""
+    kind = entry["type"]
+    for tool in tools:
+        if tool["type"] == kind and (kind in BUILTIN_TYPES or tool["name"] == entry["name"]):
+            return True
+        if tool["type"] == "namespace" and kind in ("function", "custom") and any(
+                m["type"] == kind and m["name"] == entry["name"] for m in tool["tools"]):
+            return True
+    return False
+
+
 def _check_tool_choice_names(body: dict[str, Any]) -> None:
     choice = body.get("tool_choice")
+    tools = body.get("tools") or ()
+    if choice == "required" and not tools:
+        raise invalid(
+            "Invalid value for 'tool_choice': 'required' needs at least one tool in 'tools'.",
+            "tool_choice",
+            "invalid_value",
+        )
     if not isinstance(choice, dict):
         return
-    tools = body.get("tools") or ()
-    names = {tool["name"] for tool in tools}
-    if choice["type"] == "function":
-        wanted = [("tool_choice.name", choice["name"])]
+    if choice["type"] == "allowed_tools":
+        wanted = [(f"tool_choice.tools[{i}]", entry) for i, entry in enumerate(choice["tools"])]
     else:
-        wanted = [
-            (f"tool_choice.tools[{i}].name", entry["name"])
-            for i, entry in enumerate(choice["tools"])
-        ]
-    for path, name in wanted:
-        if name not in names:
+        wanted = [("tool_choice", choice)]
+    for path, entry in wanted:
+        if not _declares(tools, entry):
+            named = "name" in entry
+            what = (f"no {entry['type']} tool named {_show(entry['name'])}" if named
+                    else f"no {entry['type']} tool")
             raise invalid(
-                f"Invalid value for '{path}': no function tool named {_show(name)} is declared "
-                "in 'tools'.",
-                path,
+                f"Invalid value for '{path}{'.name' if named else '.type'}': {what} is "
+                "declared in 'tools'.",
+                f"{path}.name" if named else f"{path}.type",
                 "invalid_value",
             )
 
