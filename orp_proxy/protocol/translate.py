@@ -175,6 +175,7 @@ class _Messages:
         self.tools = tools
         # local_shell_call_output names its call by the call item's `id`: id → call_id.
         self._local_shell_ids: dict[str, str] = {}
+        self._last_search = ""
         self.reasoning_fields = REASONING_FIELDS[reasoning_field]
         # Reasoning waiting for the assistant message it belongs to (the next one).
         self._reasoning: list[str] = []
@@ -261,6 +262,8 @@ class _Messages:
         call_id = item.get("call_id") or item.get("id") or new_id("call")
         if kind == "local_shell" and item.get("id"):
             self._local_shell_ids[item["id"]] = call_id
+        elif kind == "tool_search":
+            self._last_search = call_id  # its output may name no call_id (it is optional)
         name = self.tools.upstream_name(kind, item.get("name"), item.get("namespace"))
         call = {
             "id": call_id,
@@ -286,6 +289,8 @@ class _Messages:
             call_id = item.get("call_id")
             if item["type"] == "local_shell_call_output":
                 call_id = self._local_shell_ids.get(item["id"], item["id"])
+            elif item["type"] == "tool_search_output" and not call_id:
+                call_id = self._last_search
             self.messages.append({"role": "tool", "tool_call_id": call_id or "",
                                   "content": text_only})
             return

@@ -489,6 +489,74 @@ def _token_limit(body: Mapping[str, Any]) -> int | None:
     return None
 
 
+_CALL_DIRECTIVE = re.compile(r"CALL ([A-Za-z0-9_-]+)(?: (\{.*\}))?", re.S)
+
+
+def _functions(tools: list[Any]) -> list[dict[str, Any]]:
+    out = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            out.append(function)
+    return out
+
+
+def _example(name: str, schema: Any) -> Any:
+    """A valid value for a property, harmless if a client runs it (`echo hello`)."""
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if kind == "array":
+        return ["echo hello"] if name in ("commands", "command") else []
+    if kind in ("integer", "number"):
+        return 1
+    if kind == "boolean":
+        return True
+    if kind == "object":
+        return {}
+    if isinstance(schema, dict) and isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    return "echo hello" if name in ("cmd", "command") else "hello"
+
+
+def _pick_call(tools: list[Any], messages: list[dict[str, Any]]) -> tuple[str, str]:
+    """(function name, arguments) of the call `mock-tools` makes.
+
+    The last user message picks the tool: `CALL name {json arguments}` calls `name` (a
+    declared function, or one whose flattened name ends in `__name`) with those arguments;
+    without arguments, or when the message just mentions a declared function's name, they are
+    made up from its schema (required properties). Otherwise the first tool is called with
+    `{"city": "Paris"}`, the mock's historical answer.
+    """
+    functions = _functions(tools)
+    said = ""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            said = _text_of(message.get("content"))
+            break
+    wanted: dict[str, Any] | None = None
+    arguments: str | None = None
+    directive = _CALL_DIRECTIVE.search(said)
+    if directive:
+        target = directive.group(1)
+        wanted = next((f for f in functions if f["name"] == target), None) or next(
+            (f for f in functions if f["name"].endswith(f"__{target}")), None)
+        arguments = directive.group(2)
+    if wanted is None:
+        words = set(re.findall(r"[A-Za-z0-9_-]+", said))
+        wanted = next((f for f in functions if f["name"] in words), None)
+    if wanted is None:
+        first = functions[0]["name"] if functions else "tool"
+        return first, '{"city": "Paris"}'
+    if arguments is None:
+        schema = wanted.get("parameters")
+        props = schema.get("properties") if isinstance(schema, dict) else None
+        props = props if isinstance(props, dict) else {}
+        required = schema.get("required") if isinstance(schema, dict) else None
+        names = [n for n in (required if isinstance(required, list) else props)
+                 if isinstance(n, str)]
+        arguments = json.dumps({n: _example(n, props.get(n)) for n in names})
+    return str(wanted["name"]), arguments
+
+
 def _client_gone(request: web.BaseRequest) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -748,11 +816,8 @@ class MockUpstream:
             last = messages[-1] if messages else {}
             tools = body.get("tools")
             if last.get("role") != "tool" and isinstance(tools, list) and tools:
-                tool = tools[0] if isinstance(tools[0], dict) else {}
-                function = tool.get("function")
-                name = function.get("name") if isinstance(function, dict) else tool.get("name")
-                arguments = '{"city": "Paris"}'
-                call = (f"call_{uuid.uuid4().hex[:24]}", str(name or "tool"), arguments)
+                name, arguments = _pick_call(tools, messages)
+                call = (f"call_{uuid.uuid4().hex[:24]}", name, arguments)
                 usage = usage_dict(prompt, len(arguments) // 4 + 1) if include_usage else None
                 return 200, {}, tool_call_chunks([call], usage=usage, **meta)
             if last.get("role") == "tool":
