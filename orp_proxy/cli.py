@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(settings)
     elif args.command == "settings":
+        for warning in unknown_variables():
+            print(f"orp-proxy: {warning}", file=sys.stderr)
         for key, value in settings.redacted().items():
             print(f"{key} = {value}")
     else:

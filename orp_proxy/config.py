@@ -641,7 +641,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """One warning per `ORP_*` variable that is no setting (a typo is otherwise silently
     ignored), with the closest setting's name when there is one."""
     env = os.environ if environ is None else environ
-    known = [s.env for s in SETTINGS]
+    known = [name for s in SETTINGS for name in (s.env, *s.aliases)]
     warnings = []
     for name in sorted(env):
         if (not name.startswith("ORP_") or name in known or name in _OTHER_VARIABLES

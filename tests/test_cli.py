@@ -49,9 +49,11 @@ def test_flags_override_environment() -> None:
 def test_settings_command_hides_secrets(capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORP_UPSTREAM_API_KEY", "sk-very-secret")
+    monkeypatch.setenv("ORP_UPSTREAM_APIKEY", "typo")
     assert main(["settings"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "sk-very-secret" not in out and "upstream_api_key = <redacted>" in out
+    assert "ORP_UPSTREAM_APIKEY is ignored; did you mean ORP_UPSTREAM_API_KEY?" in err
 
 
 def test_upstream_key_from_systemd_credential(tmp_path: Path) -> None:

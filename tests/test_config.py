@@ -136,7 +136,8 @@ def test_unknown_variables_are_named_with_a_suggestion() -> None:
     from orp_proxy.config import unknown_variables
 
     assert unknown_variables({"ORP_UPSTRAEM_URL": "x", "ORP_LOGLEVEL": "x", "ORP_ZZZ": "1",
-                              "ORP_PORT": "1", "ORP_DRAIN_SECONDS": "5", "PATH": "/bin"}) == [
+                              "ORP_PORT": "1", "ORP_DRAIN_SECONDS": "5", "PATH": "/bin",
+                              "ORP_DATABASE_URL": "sqlite:///x"}) == [
         "unknown setting ORP_LOGLEVEL is ignored; did you mean ORP_LOG_LEVEL?",
         "unknown setting ORP_UPSTRAEM_URL is ignored; did you mean ORP_UPSTREAM_URL?",
         "unknown setting ORP_ZZZ is ignored; see orp-proxy --help",
