@@ -12,9 +12,10 @@ model name + weight):
   response was made (a per-worker map of recent responses), and/or a `prompt_cache_key` picks
   a deployment by weighted rendezvous hashing (the same on every worker); either only while
   that deployment is available.
-- **Passive health**: `eject_after` consecutive connect errors or 5xx eject a deployment for a
-  backoff that doubles with each ejection (`eject_seconds` … `eject_max_seconds`); a 503 without
-  `Retry-After` (a server loading its model) ejects at once. While ejected it is probed with
+- **Passive health**: `eject_after` consecutive connect errors, 5xx or read timeouts before
+  the answer's headers eject a deployment for a backoff that doubles with each ejection
+  (`eject_seconds` … `eject_max_seconds`); a 503 without `Retry-After` (a server loading its
+  model) ejects at once. While ejected it is probed with
   `GET {upstream}/models` every `probe_interval` and comes back when the backoff is over and a
   probe answered. A 429 or 503 with `Retry-After` only rests the deployment for that long.
 - **Failover**: an attempt that fails before the upstream's body started (connect error, a
@@ -304,6 +305,10 @@ class Router:
             except ApiError as exc:
                 d.end()
                 d.error(exc.code or "error")
+                if exc.code == "upstream_timeout":
+                    # No answer within the read timeout: not sent elsewhere (it may be at
+                    # work), but a replica that hangs must leave the rotation too.
+                    self._count_failure(d, "timeout")
                 raise
             except BaseException:
                 d.end()
@@ -364,9 +369,16 @@ class Router:
         elif status == 503:
             self._eject(d, now, "http_503")  # e.g. "Loading model": out until it answers
         else:
-            d.failures += 1
-            if d.failures >= self.options.eject_after:
-                self._eject(d, now, kind if status is None else f"http_{status}")
+            self._count_failure(d, kind if status is None else f"http_{status}")
+
+    def _count_failure(self, d: Deployment, reason: str) -> None:
+        """One more consecutive failure; `eject_after` of them take the deployment out."""
+        now = time.monotonic()
+        if not d.available(now):
+            return
+        d.failures += 1
+        if d.failures >= self.options.eject_after:
+            self._eject(d, now, reason)
 
     def _backoff(self, ejections: int) -> float:
         o = self.options

@@ -421,6 +421,24 @@ async def test_5xx_fails_over_and_consecutive_ones_eject(
     assert len(served(replicas["a"])) == 2 and len(served(replicas["b"])) == 3
 
 
+async def test_a_hung_replica_is_not_retried_elsewhere_but_ejected(
+        replicas: dict[str, Replica], make_proxy: StartProxy) -> None:
+    proxy = await make_proxy(config_text(
+        replicas, routing="eject_seconds = 30\neject_max_seconds = 60",
+        chat='{ upstream = "a", model = "chat-a", weight = 1000 },\n'
+             '{ upstream = "b", model = "chat-b" },'), ORP_UPSTREAM_READ_TIMEOUT="0.3")
+    hang = Scenario(chunks=text_chunks(["late"]), first_byte_delay=5)
+    replicas["a"].mock.enqueue(hang, hang)
+    for _ in range(2):
+        status, _, data = await proxy.post({"model": "chat", "input": "hi"})
+        assert status == 504 and json.loads(data)["error"]["code"] == "upstream_timeout"
+    assert not served(replicas["b"])  # a request that may be at work is not sent twice
+    state = deployment(await readyz(proxy), "chat", "a/chat-a")
+    assert state["state"] == "out" and state["reason"] == "timeout"
+    await ask(proxy)
+    assert served(replicas["b"]) == ["chat-b"]
+
+
 async def test_no_failover_once_the_stream_started(
         replicas: dict[str, Replica], make_proxy: StartProxy) -> None:
     proxy = await make_proxy(config_text(

@@ -22,9 +22,9 @@ environment file configures both; gunicorn flags given on the command line still
   mistake is one line on stderr and exit status 78 (EX_CONFIG, which the systemd unit does not
   restart on), not a traceback per worker.
 - SIGHUP (`systemctl reload`): gunicorn starts new workers, which read the settings and the
-  `ORP_CONFIG` file afresh, and stops the old ones gracefully (their streams finish). With a
-  file, the master first runs the start-up checks on it: a failing one is logged and nothing
-  changes.
+  `ORP_CONFIG` file afresh, and stops the old ones gracefully (their streams finish). The
+  master first runs the start-up checks on what they would load: if one fails, it is logged
+  and nothing changes.
 """
 
 from __future__ import annotations
@@ -158,8 +158,7 @@ def on_starting(server: Any) -> None:
 def when_ready(server: Any) -> None:
     server.log.info("ORP settings: %s", _settings.summary())
     server.log.info("Prometheus multiprocess directory: %s", _metrics_dir)
-    if _settings.config_file:
-        _check_before_reload(server)
+    _check_before_reload(server)
 
 
 def _loadable_config() -> None:
