@@ -236,6 +236,7 @@ class PostgresStore:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._down_until = 0.0
+        self._down_since: float | None = None  # for logging the outage once, not per request
         self._closing = False
 
     @classmethod
@@ -252,7 +253,9 @@ class PostgresStore:
         """
         try:
             pool = await asyncpg.create_pool(
-                dsn, password=password, min_size=1, max_size=pool_size,
+                # min_size 0: no background task that reconnects (and logs a traceback per
+                # try) while the server is away; connections are opened on demand.
+                dsn, password=password, min_size=0, max_size=pool_size,
                 timeout=connect_timeout, command_timeout=statement_timeout,
                 statement_cache_size=statement_cache_size,
                 # Idle connections are closed after a minute: fewer held on the server.
@@ -273,8 +276,10 @@ class PostgresStore:
                             f"database schema version {version}, this ORP needs "
                             f"{SCHEMA_VERSION}: run `orp-proxy store migrate`")
                     key = await _owner_key(con) if owner_secret is None else None
-        except BaseException:
+        except BaseException as exc:
             pool.terminate()
+            if isinstance(exc, Exception) and is_unavailable(exc):
+                raise StoreUnavailable(f"cannot connect to {shown_url}: {exc}") from exc
             raise
         chosen = owner_secret if owner_secret is not None else key
         if chosen is None:
@@ -301,7 +306,12 @@ class PostgresStore:
             try:
                 async with self._pool.acquire() as con:
                     connected = True
-                    return await work(con)
+                    result = await work(con)
+                if self._down_since is not None:
+                    log.warning("response store reachable again after %.1f s",
+                                time.monotonic() - self._down_since)
+                    self._down_since = None
+                return result
             except Exception as exc:
                 if not is_unavailable(exc):
                     raise
@@ -313,7 +323,10 @@ class PostgresStore:
                         continue
                 if not connected:
                     self._down_until = time.monotonic() + _DOWN_SECONDS
-                log.warning("response store unavailable: %s: %s", type(exc).__name__, exc)
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning("response store unavailable (requests that need it get 503 "
+                                "until it is back): %s: %s", type(exc).__name__, exc)
                 raise StoreUnavailable(str(exc)) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
