@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ from orp_proxy.store import StoreUnavailable
 from orp_proxy.store import postgres as pg_module
 from orp_proxy.store.factory import open_store
 from orp_proxy.store.postgres import SCHEMA_VERSION, PostgresStore
+from scripts import procs
 from tests import pg
 from tests.conftest import Proxy
 from tests.test_store import OWNER, record, texts
@@ -375,3 +377,98 @@ def test_module_constants_are_sane() -> None:
     assert 0 < pg_module._MIGRATION_LOCK < 2**63
     assert pg_module.is_unavailable(ConnectionRefusedError())
     assert not pg_module.is_unavailable(ValueError())
+
+
+# -- orp-proxy store migrate / status / copy -------------------------------------------------
+
+
+def cli(*args: str) -> tuple[int, Any, str]:
+    result = subprocess.run([sys.executable, "-m", "orp_proxy.cli", "store", *args],
+                            capture_output=True, text=True, timeout=120,
+                            env=procs.clean_env(), cwd=procs.ROOT)
+    try:
+        out = json.loads(result.stdout) if result.stdout.strip() else None
+    except ValueError:
+        out = result.stdout
+    return result.returncode, out, result.stderr
+
+
+def test_store_status_and_migrate_commands(pg_url: str, tmp_path: Path) -> None:
+    code, status, _ = cli("status", "--store-url", pg_url)
+    assert code == 0
+    assert (status["schema_version"], status["pending_migrations"]) == (0, SCHEMA_VERSION)
+    code, migrated, _ = cli("migrate", "--store-url", pg_url)
+    assert code == 0 and migrated["schema_version"] == SCHEMA_VERSION
+    assert migrated["pending_migrations"] == 0
+    code, stats, _ = cli("stats", "--store-url", pg_url)
+    assert code == 0 and stats["responses"] == 0 and stats["backend"] == "postgresql"
+    sqlite_url = f"sqlite:///{tmp_path / 'new.sqlite3'}"
+    code, status, _ = cli("status", "--store-url", sqlite_url)
+    assert code == 0 and status["schema_version"] == 0 and status["backend"] == "sqlite"
+    assert cli("migrate", "--store-url", sqlite_url)[1]["pending_migrations"] == 0
+    # An unreachable server: one line, exit 1, no traceback.
+    code, _, err = cli("status", "--store-url", "postgresql://orp@127.0.0.1:1/x",
+                       "--store-connect-timeout", "2")
+    assert code == 1 and "unavailable" in err and "Traceback" not in err
+
+
+async def test_store_copy_between_backends(pg_url: str, tmp_path: Path) -> None:
+    source_path = tmp_path / "old.sqlite3"
+    source = await open_store(Settings(store_url=f"sqlite:///{source_path}"))
+    alice = source.owner_id("sk-alice")
+    now = time.time()
+    try:
+        await source.save_response(record("resp_1", alice))
+        await source.save_response(record("resp_2", alice, "resp_1", expires_at=now + 3600))
+        await source.save_response(record("resp_3", source.owner_id("sk-bob"), created_at=7))
+        original = await source.get_response(alice, "resp_2")
+    finally:
+        await source.close()
+
+    code, copied, err = cli("copy", "--from", f"sqlite:///{source_path}", "--to", pg_url)
+    assert code == 0, err
+    assert (copied["responses"], copied["items"]) == (3, 6)
+    moved = await open_store(Settings(store_url=pg_url))
+    try:
+        assert moved.owner_id("sk-alice") == alice  # the key came along
+        assert await moved.get_response(alice, "resp_2") == original
+        assert texts(await moved.load_lineage(alice, "resp_2")) == [
+            "question of resp_1", "answer of resp_1", "question of resp_2", "answer of resp_2"]
+        assert await moved.get_response(moved.owner_id("sk-bob"), "resp_3") is not None
+        page = await moved.list_input_items(alice, "resp_2")
+        assert page is not None and [i["id"] for i in page.data] == ["in_resp_2"]
+    finally:
+        await moved.close()
+    # Only into an empty store.
+    code, _, err = cli("copy", "--from", f"sqlite:///{source_path}", "--to", pg_url)
+    assert code == 2 and "already holds 3 responses" in err
+
+    back = tmp_path / "back.sqlite3"
+    code, copied, err = cli("copy", "--from", pg_url, "--to", f"sqlite:///{back}")
+    assert code == 0 and copied["responses"] == 3, err
+    returned = await open_store(Settings(store_url=f"sqlite:///{back}"))
+    try:
+        assert returned.owner_id("sk-alice") == alice
+        assert await returned.get_response(alice, "resp_2") == original
+    finally:
+        await returned.close()
+
+
+# -- deployment ------------------------------------------------------------------------------
+
+
+def test_unit_and_install_script_carry_the_database_password_as_a_credential() -> None:
+    unit = (procs.ROOT / "systemd" / "orp-proxy.service").read_text()
+    assert "LoadCredential=store_password:/etc/orp-proxy/credentials/store_password" in unit
+    script = str(procs.ROOT / "scripts" / "install.sh")
+    shown = subprocess.run(
+        ["bash", script, "--dry-run", "--store-url", "postgresql://orp@db.internal:5432/orp",
+         "--store-password-file", __file__], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "set ORP_STORE_URL=postgresql://orp@db.internal:5432/orp" in shown.stdout
+    assert f"install -m 0600 {__file__} /etc/orp-proxy/credentials/store_password" in \
+        shown.stdout
+    refused = subprocess.run(
+        ["bash", script, "--dry-run", "--store-url", "postgresql://orp:pw@db/orp"],
+        capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "no password in --store-url" in refused.stderr

@@ -181,10 +181,10 @@ def _sqlite_page(db: sqlite3.Connection, after: int) -> list[tuple[int, _Row]]:
 
 async def _postgres_meta(source: StoreTarget, password: str | None, settings: Settings
                          ) -> str | None:
-    import asyncpg
+    from orp_proxy.store.postgres import connect
 
-    con = await asyncpg.connect(source.dsn, password=password,
-                                timeout=settings.store_connect_timeout)
+    con = await connect(source.dsn, password=password,
+                        connect_timeout=settings.store_connect_timeout)
     try:
         value = await con.fetchval("SELECT value FROM meta WHERE key = 'owner_secret'")
     finally:
@@ -193,10 +193,10 @@ async def _postgres_meta(source: StoreTarget, password: str | None, settings: Se
 
 
 async def _postgres_rows(source: StoreTarget, settings: Settings) -> AsyncIterator[_Row]:
-    import asyncpg
+    from orp_proxy.store.postgres import connect
 
-    con = await asyncpg.connect(source.dsn, password=_password(settings, source),
-                                timeout=settings.store_connect_timeout)
+    con = await connect(source.dsn, password=_password(settings, source),
+                        connect_timeout=settings.store_connect_timeout)
     try:
         last = 0
         while True:
@@ -278,10 +278,10 @@ class _PostgresWriter:
         self._tx: Any = None
 
     async def start(self, key: str | None) -> None:
-        import asyncpg
+        from orp_proxy.store.postgres import connect
 
-        self._con = await asyncpg.connect(self._target.dsn, password=self._password,
-                                          timeout=self._settings.store_connect_timeout)
+        self._con = await connect(self._target.dsn, password=self._password,
+                                  connect_timeout=self._settings.store_connect_timeout)
         self._tx = self._con.transaction()
         await self._tx.start()
         # Nobody else writes while the copy runs (ORP should be stopped; this makes sure).

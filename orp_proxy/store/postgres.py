@@ -672,10 +672,22 @@ async def _migrate(con: Any, *, create_key: bool) -> bytes | None:
         return await _owner_key(con)
 
 
+async def connect(dsn: str, *, password: str | None = None, connect_timeout: float = 5.0
+                  ) -> Any:
+    """One connection outside any pool (the store commands); StoreUnavailable if the server
+    cannot be reached."""
+    try:
+        return await asyncpg.connect(dsn, password=password, timeout=connect_timeout)
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise StoreUnavailable(f"cannot connect: {exc}") from exc
+        raise
+
+
 async def schema_status(dsn: str, *, password: str | None = None,
                         connect_timeout: float = 5.0) -> dict[str, Any]:
     """The schema version the database has and the one this ORP needs, without migrating."""
-    con = await asyncpg.connect(dsn, password=password, timeout=connect_timeout)
+    con = await connect(dsn, password=password, connect_timeout=connect_timeout)
     try:
         version = await _schema_version(con)
     finally:
