@@ -65,7 +65,7 @@ def test_unit_environment_names_real_settings_and_stop_timeout_fits() -> None:
     assert int(timeout) > int(env["ORP_DRAIN_SECONDS"])
     # Secrets come as credentials, under the names config.py and auth.py look for.
     credentials = {value.split(":", 1)[0] for value in _unit_values("LoadCredential")}
-    assert credentials == {"upstream_api_key", "owner_secret", "api_keys"}
+    assert credentials == {"upstream_api_key", "owner_secret", "api_keys", "store_password"}
     assert _unit_values("Type") == ["notify"]
 
 
