@@ -214,3 +214,27 @@ async def test_catalog_model_apply_patch(run_codex: RunCodex, orp: Orp, mock: Mo
     assert call["function"]["name"] == "apply_patch"
     assert json.loads(call["function"]["arguments"]) == {"input": PATCH}
     assert second["messages"][-1]["tool_call_id"] == call["id"]
+
+
+@pytest.mark.parametrize("ws", TRANSPORTS)
+async def test_catalog_model_tool_search_loads_a_namespace(
+        run_codex: RunCodex, orp: Orp, mock: MockUpstream, catalog: Path, ws: bool) -> None:
+    """The model calls tool_search (client-executed); Codex searches its deferred tools and
+    answers with a tool_search_output holding its multi_agent_v1 namespace, whose members the
+    next upstream request declares (flattened)."""
+    prompt = 'Find tools. CALL tool_search {"query": "spawn agent"}'
+    rc, events, err = await run_codex(prompt, ws=ws, model="orp-model",
+                                      extra=("-c", f'model_catalog_json="{catalog}"'))
+    assert rc == 0, (events, err)
+    (answer,) = items(events, "agent_message")
+    assert answer["text"].startswith("The tool returned: Tools now available:")
+    check_transport(orp, ws)
+    first, second = (r.body for r in mock.requests)
+    before = {t["function"]["name"] for t in first["tools"]}
+    after = {t["function"]["name"] for t in second["tools"]}
+    assert "multi_agent_v1__spawn_agent" not in before  # deferred until searched
+    assert "multi_agent_v1__spawn_agent" in after
+    call = second["messages"][-2]["tool_calls"][0]
+    assert call["function"]["name"] == "tool_search"
+    assert json.loads(call["function"]["arguments"])["query"] == "spawn agent"
+    assert "multi_agent_v1.spawn_agent" in second["messages"][-1]["content"]

@@ -482,3 +482,40 @@ async def test_openai_sdk_reads_a_custom_tool_call(proxy: Proxy, mock: MockUpstr
     (call,) = final.output
     assert isinstance(call, ResponseCustomToolCall)
     assert (call.name, call.input, call.call_id) == ("apply_patch", value, "call_1")
+
+
+# -- the mock upstream calls what the request declares -----------------------------------------
+
+
+async def test_mock_calls_the_declared_tool_the_prompt_names(proxy: Proxy, mock: MockUpstream
+                                                            ) -> None:
+    tools = [{"type": "function", "name": "get_weather",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+             EXEC, APPLY_PATCH, AGENTS]
+
+    async def first_item(prompt: str) -> dict[str, Any]:
+        status, _, data = await proxy.post({"model": "mock-tools", "input": prompt,
+                                            "tools": tools})
+        assert status == 200, data
+        output: list[dict[str, Any]] = json.loads(data)["output"]
+        return output[0]
+
+    # Named in the text: arguments made up from the schema's required properties.
+    item = await first_item("please use exec_command now")
+    assert (item["name"], json.loads(item["arguments"])) == ("exec_command",
+                                                             {"cmd": "echo hello"})
+    # A directive with arguments; a namespace member by its own name; a custom tool.
+    item = await first_item('CALL spawn_agent {"task": "x"}')
+    assert (item["namespace"], item["name"], item["arguments"]) == (
+        "multi_agent_v1", "spawn_agent", '{"task": "x"}')
+    item = await first_item('CALL apply_patch {"input": "a\\nb"}')
+    assert (item["type"], item["input"]) == ("custom_tool_call", "a\nb")
+    # Nothing named: the first tool, with the mock's historical arguments.
+    item = await first_item("hello")
+    assert (item["name"], item["arguments"]) == ("get_weather", '{"city": "Paris"}')
+    # After the tool's result, an answer quoting it.
+    status, _, data = await proxy.post({"model": "mock-tools", "tools": tools, "input": [
+        {"role": "user", "content": "go"}, item,
+        {"type": "function_call_output", "call_id": item["call_id"], "output": "sunny"}]})
+    assert status == 200, data
+    assert json.loads(data)["output"][0]["content"][0]["text"] == "The tool returned: sunny"
