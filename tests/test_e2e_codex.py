@@ -31,7 +31,8 @@ from tests.conftest import ServerFactory
 NODE_DIR = Path(__file__).parent / "node"
 CODEX = NODE_DIR / "node_modules" / ".bin" / "codex"
 # Client model names → the mock's behaviours. `orp-model` is in the catalog written below.
-MODEL_MAP = {"test-model": "mock", "test-tools": "mock-tools", "orp-model": "mock-tools"}
+MODEL_MAP = {"test-model": "mock", "test-tools": "mock-tools", "orp-model": "mock-tools",
+             "test-reasoning": "mock-reasoning"}
 TIMEOUT_S = 120  # a hang guard only; a run takes well under a second
 
 
@@ -177,6 +178,29 @@ async def test_shell_round_trip(run_codex: RunCodex, orp: Orp, mock: MockUpstrea
     assert second["messages"][-1]["role"] == "tool"
     assert second["messages"][-1]["tool_call_id"] == call["id"]
     assert "hello-from-codex" in second["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize("ws", TRANSPORTS)
+async def test_reasoning_shown_and_carried_back(run_codex: RunCodex, orp: Orp,
+                                                mock: MockUpstream, ws: bool) -> None:
+    """A thinking model with tools: Codex shows each turn's reasoning, and the first turn's
+    reasoning reaches the upstream again on the tool turn (over HTTP Codex resends it sealed,
+    `store: false` with `include: ["reasoning.encrypted_content"]`; over WebSocket the
+    connection remembers it)."""
+    prompt = 'Run it. CALL exec_command {"cmd": "echo thought-through"}'
+    rc, events, err = await run_codex(prompt, ws=ws, model="test-reasoning")
+    assert rc == 0, (events, err)
+    first_thought = "I recall 0 earlier thoughts. I need the tool exec_command first."
+    assert [r["text"] for r in items(events, "reasoning")] == [
+        first_thought, "I recall 1 earlier thoughts. The tool answered; I can reply now."]
+    (command,) = items(events, "command_execution")
+    assert command["aggregated_output"] == "thought-through\n"
+    assert events[-1]["usage"]["reasoning_output_tokens"] > 0
+    check_transport(orp, ws)
+    _first, second = (r.body for r in mock.requests)
+    (assistant,) = [m for m in second["messages"] if m["role"] == "assistant"]
+    assert assistant["reasoning_content"] == assistant["reasoning"] == first_thought
+    assert assistant["tool_calls"][0]["function"]["name"] == "exec_command"
 
 
 PATCH = ("*** Begin Patch\n*** Update File: notes.txt\n@@\n-old line\n+new line\n"

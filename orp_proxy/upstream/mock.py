@@ -854,10 +854,10 @@ class MockUpstream:
     @staticmethod
     def _reasoning_tools(messages: list[dict[str, Any]], tools: list[Any], prompt: int,
                          include_usage: bool, meta: dict[str, Any]) -> list[dict[str, Any]]:
-        """A thinking model with tools: think, then call the first tool; after a tool result,
-        think again and answer with it. Each thought says how many earlier thoughts came back
-        on assistant messages (`reasoning_content` or `reasoning`), so a client can see that its
-        reasoning made the round trip."""
+        """A thinking model with tools: think, then call a tool (the one `mock-tools` would call:
+        see `_pick_call`); after a tool result, think again and answer with it. Each thought
+        says how many earlier thoughts came back on assistant messages (`reasoning_content` or
+        `reasoning`), so a client can see that its reasoning made the round trip."""
         last = messages[-1] if messages else {}
         recalled = sum(1 for m in messages if m.get("role") == "assistant"
                        and (m.get("reasoning_content") or m.get("reasoning")))
@@ -867,13 +867,11 @@ class MockUpstream:
             text = _split_words(f"The tool returned: {_text_of(last.get('content'))}")
             calls: list[tuple[str, str, str]] = []
         else:
-            tool = tools[0] if isinstance(tools[0], dict) else {}
-            function = tool.get("function")
-            name = function.get("name") if isinstance(function, dict) else tool.get("name")
+            name, arguments = _pick_call(tools, messages)
             thought = _split_words(f"I recall {recalled} earlier thoughts. I need the tool "
                                    f"{name} first.")
             text = []
-            calls = [(f"call_{uuid.uuid4().hex[:24]}", str(name or "tool"), '{"city": "Paris"}')]
+            calls = [(f"call_{uuid.uuid4().hex[:24]}", name, arguments)]
         produced = len(thought) + len(text) + 4 * len(calls)
         usage = usage_dict(prompt, produced, reasoning=len(thought)) if include_usage else None
         return reasoning_chunks(thought, text, calls=calls, usage=usage, **meta)
