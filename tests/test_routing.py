@@ -633,3 +633,38 @@ async def test_websocket_turns_are_routed(replicas: dict[str, Replica],
         envelope = json.loads(frame.data)
         assert envelope["status"] == 404 and envelope["error"]["code"] == "model_not_found"
     assert served(replicas["c"]) == ["other-c"]
+
+
+async def test_models_in_pass_through_mode_checks_the_token_upstream(
+        tmp_path: Path, make_proxy: StartProxy, start_proxy: StartProxy) -> None:
+    async def models(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer good-token":
+            return web.json_response({"error": {"message": "bad key"}}, status=401)
+        return web.json_response({"object": "list", "data": [{"id": "m"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = procs.free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    checker = Replica()
+    checker.port = port
+    try:
+        routed = await make_proxy(config_text({"a": checker, "b": checker, "c": checker}),
+                                  ORP_AUTH_MODE="passthrough")
+        single = await start_proxy(load_settings({
+            "ORP_UPSTREAM_URL": checker.url, "ORP_AUTH_MODE": "passthrough",
+            "ORP_DB_PATH": str(tmp_path / "single.sqlite3")}))
+        for proxy, listed in ((routed, ["chat", "other"]), (single, ["m"])):
+            for token, status in (("good-token", 200), ("bad-token", 401)):
+                async with proxy.session.get(proxy.url + "/models", headers={
+                        "Authorization": f"Bearer {token}"}) as resp:
+                    assert resp.status == status, await resp.text()
+                    body = await resp.json()
+                if status == 200:
+                    assert [m["id"] for m in body["data"]] == listed
+                else:
+                    assert body["error"]["code"] == "invalid_api_key"
+    finally:
+        await runner.cleanup()

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from orp_proxy.errors import SERVER_ERROR, ApiError
 from orp_proxy.http.request import json_response
-from orp_proxy.ops.auth import UPSTREAM_AUTHORIZATION
+from orp_proxy.ops.auth import TOKEN_CHECK, UPSTREAM_AUTHORIZATION, bearer_token, unauthorized
 from orp_proxy.state import GATEWAY
 
 _TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -41,6 +41,8 @@ async def _upstream_models(request: web.Request) -> list[dict[str, Any]]:
             status = resp.status
     except (TimeoutError, aiohttp.ClientError, OSError):
         raise unavailable from None
+    if status in (401, 403) and request.get(UPSTREAM_AUTHORIZATION):
+        raise unauthorized("The API key was rejected by the upstream model server.")
     if status != 200:
         raise unavailable
     try:
@@ -83,6 +85,13 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     router = gateway.router
     aliases = gateway.settings.model_map
     if gateway.settings.routed:
+        # Answered by ORP itself: a pass-through token is checked upstream first, as for the
+        # other routes that do not reach a backend.
+        check = request.app.get(TOKEN_CHECK)
+        token = bearer_token(request)
+        if (check is not None and token is not None
+                and not await check.accepted(request.app, token)):
+            raise unauthorized("Invalid API key.")
         names = router.models()
         data = [_model(name) for name in names]
         data.extend(_model(alias) for alias, target in aliases.items()
