@@ -316,6 +316,10 @@ async def test_stream_id_is_echoed_on_every_event(proxy: Proxy, mock: MockUpstre
      "generate", "invalid_type"),
     ({"model": "m", "input": "x"}, "type", "missing_required_parameter"),
     ({"type": "response.cancel", "model": "m", "input": "x"}, "type", "invalid_value"),
+    # OpenAI's steering (the SDK) and appending (Codex) events: named, connection kept.
+    ({"type": "response.steer", "previous_response_id": "resp_1", "input": "faster"}, "type",
+     "unsupported_parameter"),
+    ({"type": "response.append", "input": []}, "type", "unsupported_parameter"),
     ({"type": "response.create", "model": "m"}, "input", "missing_required_parameter"),
     ({"type": "response.create", "model": "m", "input": [{"type": "bogus"}]},
      "input[0].type", "invalid_value"),

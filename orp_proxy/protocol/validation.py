@@ -725,9 +725,23 @@ def _websocket_background(value: Any, parent: str, key: str) -> None:
     raise _type_error(path, "a boolean", value)
 
 
+# Client events of OpenAI's WebSocket mode that ORP does not offer: steering a running response
+# (the SDK's `response.steer`) and appending to one (Codex, when a server allows it).
+_UNSUPPORTED_EVENTS: Final = frozenset({"response.steer", "response.append"})
+
+
 def _websocket_type(value: Any, parent: str, key: str) -> None:
     if not isinstance(value, str):
         raise _type_error(_join(parent, key), "a string", value)
+    if value in _UNSUPPORTED_EVENTS:
+        path = _join(parent, key)
+        raise invalid(
+            f"Unsupported event type '{value}': this gateway does not change a response once "
+            "it runs. Send 'response.create' with previous_response_id (and the new items) "
+            "after it ends.",
+            path,
+            "unsupported_parameter",
+        )
     if value != "response.create":
         raise _bad_choice(_join(parent, key), value, ("response.create",))
 
