@@ -60,8 +60,9 @@ FIELDS: Final[dict[str, tuple[str, str]]] = {
     "safety_identifier": (TRANSLATED, "safety_identifier (ORP_UPSTREAM_FORWARD); up to 128 "
                           "characters as OpenAI documents (the spec says 64); echoed"),
     "user": (TRANSLATED, "user (ORP_UPSTREAM_FORWARD)"),
-    "service_tier": (TRANSLATED, "service_tier (ORP_UPSTREAM_FORWARD); the echo is the tier "
-                     "the upstream reports, else \"default\""),
+    "service_tier": (TRANSLATED, "service_tier (ORP_UPSTREAM_FORWARD; \"fast\" and "
+                     "\"ultrafast\" as \"priority\"); the echo is the tier the upstream "
+                     "reports, else \"default\""),
     "prompt_cache_retention": (NO_EFFECT, "a cache hint; backends cache prefixes themselves"),
     "prompt_cache_options": (NO_EFFECT, "see its fields"),
     "prompt_cache_options.mode": (NO_EFFECT, "a cache hint"),

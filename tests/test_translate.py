@@ -264,6 +264,9 @@ def test_forwarded_fields_follow_the_setting() -> None:
         "service_tier": "auto", "verbosity": "high"}
     only = chat(body, Settings(forward_fields=frozenset({"user"})))
     assert only["user"] == "u" and not (set(FORWARDABLE_FIELDS) - {"user"}) & set(only)
+    # The Responses-only tiers go upstream as the chat API's name for them.
+    assert chat({"service_tier": "fast"})["service_tier"] == "priority"
+    assert chat({"service_tier": "ultrafast"})["service_tier"] == "priority"
     # Nulls mean absent.
     nulls = chat({k: None for k in body} | {"text": {"verbosity": None}})
     assert not set(FORWARDABLE_FIELDS) & set(nulls)

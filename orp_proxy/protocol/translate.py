@@ -409,6 +409,9 @@ def build_chat_request(
     for name in ("prompt_cache_key", "safety_identifier", "user", "service_tier"):
         if name in forward and body.get(name) is not None:
             chat[name] = body[name]
+    if chat.get("service_tier") in ("fast", "ultrafast"):
+        # Responses-only names; OpenAI serves them as (and reports) "priority", the chat name.
+        chat["service_tier"] = "priority"
     text = body.get("text")
     if "verbosity" in forward and isinstance(text, dict) and text.get("verbosity") is not None:
         chat["verbosity"] = text["verbosity"]
