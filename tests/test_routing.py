@@ -215,14 +215,15 @@ async def test_a_dead_replica_is_failed_over_ejected_probed_and_taken_back(
         replicas: dict[str, Replica], make_proxy: StartProxy) -> None:
     proxy = await make_proxy(config_text(replicas))
     await replicas["a"].stop()
-    for _ in range(10):
-        await ask(proxy)  # every one succeeds on b
+    for _ in range(20):
+        await ask(proxy)  # every one succeeds on b (a is tried at random until it is out)
     ready = await readyz(proxy)
     assert ready["http_status"] == 200 and ready["status"] == "degraded"
     assert ready["models"]["chat"]["state"] == "degraded"
     assert ready["models"]["other"]["state"] == "ok"
     out = deployment(ready, "chat", "a/chat-a")
-    assert out["state"] == "out" and out["reason"] == "connect"
+    # Refused connects, or a pooled connection the stopped server had closed.
+    assert out["state"] == "out" and out["reason"] in ("connect", "connection_lost")
     await replicas["a"].start()
 
     async def back() -> bool:
@@ -234,9 +235,9 @@ async def test_a_dead_replica_is_failed_over_ejected_probed_and_taken_back(
     assert served(replicas["a"])  # it gets traffic again
     metrics = await scrape(proxy)
     ejections = metrics["orp_deployment_ejections_total"]
-    assert ejections[(("deployment", "a/chat-a"), ("model", "chat"), ("reason", "connect"))] >= 1
+    assert sum(v for k, v in ejections.items() if ("deployment", "a/chat-a") in k) >= 1
     errors = metrics["orp_deployment_errors_total"]
-    assert errors[(("deployment", "a/chat-a"), ("kind", "connect"), ("model", "chat"))] >= 2
+    assert sum(v for k, v in errors.items() if ("deployment", "a/chat-a") in k) >= 2
 
 
 async def test_kill_a_replica_during_200_requests_no_failure_before_the_first_byte(
