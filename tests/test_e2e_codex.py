@@ -25,7 +25,7 @@ from aiohttp import web
 
 from orp_proxy.app import build_app
 from orp_proxy.config import Settings
-from orp_proxy.upstream.mock import MockUpstream
+from orp_proxy.upstream.mock import MockUpstream, Scenario, tool_call_chunks
 from tests.conftest import ServerFactory
 
 NODE_DIR = Path(__file__).parent / "node"
@@ -262,3 +262,21 @@ async def test_catalog_model_tool_search_loads_a_namespace(
     assert call["function"]["name"] == "tool_search"
     assert json.loads(call["function"]["arguments"])["query"] == "spawn agent"
     assert "multi_agent_v1.spawn_agent" in second["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize("ws", TRANSPORTS)
+async def test_call_to_an_undeclared_tool_reaches_codex(run_codex: RunCodex, orp: Orp,
+                                                        mock: MockUpstream, ws: bool) -> None:
+    """A hallucinated tool name passes through (ORP_UNDECLARED_TOOLS=pass): Codex answers it
+    as an unsupported call and the conversation goes on, as against OpenAI."""
+    mock.enqueue(Scenario(chunks=tool_call_chunks([("call_x", "made_up_tool", "{}")])))
+    rc, events, err = await run_codex("go", ws=ws, model="test-tools")
+    assert rc == 0, (events, err)
+    (answer,) = items(events, "agent_message")
+    assert answer["text"].startswith("The tool returned:")
+    check_transport(orp, ws)
+    _first, second = (r.body for r in mock.requests)
+    assert second["messages"][-2]["tool_calls"][0]["function"]["name"] == "made_up_tool"
+    reply = second["messages"][-1]
+    assert reply["role"] == "tool" and reply["tool_call_id"] == "call_x"
+    assert "made_up_tool" in reply["content"]
