@@ -333,8 +333,15 @@ def test_builtin_calls_become_their_items() -> None:
     assert [i["type"] for i in output_of(events)] == [
         "shell_call", "local_shell_call", "apply_patch_call", "tool_search_call"]
     assert all(i["status"] == "completed" for i in output_of(events))
-    # No argument events for built-ins: the item is whole at output_item.done.
+    # No argument events for built-ins: the item is whole at output_item.done; a shell call's
+    # commands come as their own events just before.
     assert not any("arguments" in e["type"] or "input" in e["type"] for e in events)
+    shell_events = [(e["type"].rsplit(".", 1)[1], e["command_index"], e.get("command"),
+                     e.get("delta")) for e in events if "shell_call_command" in e["type"]]
+    assert shell_events == [("added", 0, "", None), ("delta", 0, None, "ls -a"),
+                            ("done", 0, "ls -a", None)]
+    done = next(e for e in events if e["type"] == "response.output_item.done")
+    assert events[events.index(done) - 1]["type"] == "response.shell_call_command.done"
 
 
 def test_output_items_round_trip_to_the_same_upstream_calls() -> None:

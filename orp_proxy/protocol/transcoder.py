@@ -778,6 +778,16 @@ class Transcoder:
         if kind == "function":
             self._emit({"type": "response.function_call_arguments.done", **base,
                         "arguments": arguments})
+        elif kind == "shell":
+            # OpenAI streams each command of a shell call; here they are whole once the
+            # arguments are, so each comes as added (empty), one delta, done.
+            where = {"output_index": call.output_index}
+            for index, command in enumerate(item["action"]["commands"]):
+                at = {**where, "command_index": index}
+                self._emit({"type": "response.shell_call_command.added", **at, "command": ""})
+                self._emit({"type": "response.shell_call_command.delta", **at, "delta": command})
+                self._emit({"type": "response.shell_call_command.done", **at,
+                            "command": command})
         elif kind == "custom":
             assert call.decoder is not None
             streamed = call.streamed.value()
