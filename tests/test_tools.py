@@ -344,6 +344,19 @@ def test_builtin_calls_become_their_items() -> None:
     assert events[events.index(done) - 1]["type"] == "response.shell_call_command.done"
 
 
+def test_builtin_calls_with_arguments_that_are_not_json() -> None:
+    calls = [("c1", "shell", "ls -la"), ("c2", "tool_search", "agents"),
+             ("c3", "local_shell", '{"command": "pwd"}')]
+    _, events = transcode(tool_call_chunks(calls))
+    shell, search, local = output_of(events)
+    assert shell["action"]["commands"] == ["ls -la"]
+    assert search["arguments"] == {"query": "agents"}
+    assert local["action"]["command"] == ["pwd"]
+    added = [e["item"] for e in events if e["type"] == "response.output_item.added"]
+    assert added[0]["action"]["commands"] == [] and added[1]["arguments"] == {}
+    assert added[2]["action"]["command"] == []
+
+
 def test_output_items_round_trip_to_the_same_upstream_calls() -> None:
     calls = [("c1", "multi_agent_v1__spawn_agent", '{"a": 1}'),
              ("c2", "apply_patch", '{"input": "x\\ny"}'),

@@ -400,12 +400,14 @@ def call_fields(spec: ToolSpec | None, arguments: str) -> dict[str, Any]:
     if kind == "custom":
         return {"input": custom_input(arguments)}
     args = _parsed(arguments)
+    # Not a JSON object: the model wrote the command (or query) itself; it is passed as such.
+    raw = "" if isinstance(args, dict) else arguments
     if not isinstance(args, dict):
         args = {}
     assert spec is not None
     if kind == "shell":
         env = spec.declared.get("environment")
-        return {"action": {"commands": _string_list(args.get("commands"), arguments),
+        return {"action": {"commands": _string_list(args.get("commands"), raw),
                            "timeout_ms": _int_or_none(args.get("timeout_ms")),
                            "max_output_length": _int_or_none(args.get("max_output_length"))},
                 "environment": env if isinstance(env, dict) else {"type": "local"}}
@@ -413,7 +415,7 @@ def call_fields(spec: ToolSpec | None, arguments: str) -> dict[str, Any]:
         env = args.get("env")
         return {"action": {
             "type": "exec",
-            "command": _string_list(args.get("command"), arguments),
+            "command": _string_list(args.get("command"), raw),
             "env": ({k: v for k, v in env.items() if isinstance(v, str)}
                     if isinstance(env, dict) else {}),
             "timeout_ms": _int_or_none(args.get("timeout_ms")),
@@ -429,8 +431,7 @@ def call_fields(spec: ToolSpec | None, arguments: str) -> dict[str, Any]:
             operation["diff"] = str(args.get("diff") or "")
         return {"operation": operation}
     # tool_search: the arguments as an object, as OpenAI sends them.
-    return {"arguments": args if args or arguments.strip() in ("", "{}")
-            else {"query": arguments}, "execution": "client"}
+    return {"arguments": {"query": raw} if raw.strip() else args, "execution": "client"}
 
 
 def call_fields_pending(spec: ToolSpec | None) -> dict[str, Any]:
@@ -440,7 +441,7 @@ def call_fields_pending(spec: ToolSpec | None) -> dict[str, Any]:
         return {"arguments": ""}
     if kind == "custom":
         return {"input": ""}
-    return {k: v for k, v in call_fields(spec, "{}").items()}
+    return call_fields(spec, "{}")
 
 
 def call_arguments(item: Mapping[str, Any]) -> str:
