@@ -293,6 +293,17 @@ def test_custom_call_with_raw_arguments_still_adds_up() -> None:
     assert "".join(deltas) == "*** Begin Patch"
 
 
+def test_custom_call_cut_short_keeps_the_text_streamed() -> None:
+    chunks = tool_call_chunks([("c", "apply_patch", '{"input": "*** Begin Pa')],
+                              finish_reason="length")
+    _, events = transcode(chunks)
+    assert events[-1]["type"] == "response.incomplete"
+    (item,) = output_of(events)
+    assert (item["input"], item["status"]) == ("*** Begin Pa", "incomplete")
+    (done,) = [e for e in events if e["type"] == "response.custom_tool_call_input.done"]
+    assert done["input"] == "*** Begin Pa"
+
+
 def test_namespaced_call_comes_back_with_its_namespace() -> None:
     _, events = transcode(tool_call_chunks([("c", "multi_agent_v1__spawn_agent", "{}")]))
     (item,) = output_of(events)

@@ -791,7 +791,10 @@ class Transcoder:
         elif kind == "custom":
             assert call.decoder is not None
             streamed = call.streamed.value()
-            final = streamed if call.decoder.done else item["input"]
+            # Decoded to its closing quote, or cut off inside the string (a response cut short):
+            # what was streamed is the input. Otherwise the arguments were some other shape.
+            decoded = call.decoder.done or (streamed and not call.decoder.gave_up)
+            final = streamed if decoded else item["input"]
             if final != streamed and final.startswith(streamed):
                 # The arguments were not the `{"input": ...}` asked for: what the decoder
                 # could not stream comes now, so the deltas still add up to the input.
