@@ -723,7 +723,8 @@ INVALID_ITEMS = [
     ([{"content": "hi"}], "input[0].role", "missing_required_parameter"),
     ([{"type": 1}], "input[0].type", "invalid_type"),
     ([{"type": "banana"}], "input[0].type", "invalid_value"),
-    ([{"type": "web_search_call", "id": "ws_1"}], "input[0].type", "invalid_value"),
+    ([{"type": "web_search_call", "id": "ws_1"}], "input[0].type", "unsupported_parameter"),
+    ([{"type": "web_search_result", "id": "ws_1"}], "input[0].type", "invalid_value"),
     (
         [user("ok"), user("ok"), {"type": "output_text", "text": "x"}],
         "input[2].type",

@@ -691,6 +691,31 @@ _ITEM_TYPES: Final = (
     "item_reference",
     "compaction",
 )
+_HOSTED_ITEM = ("comes from one of OpenAI's hosted tools, which never run behind this gateway; "
+                "leave it out of the input (or replace it with a message saying what it found).")
+# Item types of OpenAI's API that ORP cannot take, and why (400 unsupported_parameter on their
+# `type`, rather than a bare "invalid value").
+_UNSUPPORTED_ITEMS: Final = {
+    "web_search_call": _HOSTED_ITEM,
+    "file_search_call": _HOSTED_ITEM,
+    "code_interpreter_call": _HOSTED_ITEM,
+    "image_generation_call": _HOSTED_ITEM,
+    "mcp_list_tools": _HOSTED_ITEM,
+    "mcp_call": _HOSTED_ITEM,
+    "mcp_approval_request": _HOSTED_ITEM,
+    "mcp_approval_response": _HOSTED_ITEM,
+    "computer_call": "needs a computer-use model and tool, which this gateway does not offer.",
+    "computer_call_output": "needs a computer-use model and tool, which this gateway does not "
+                            "offer.",
+    "program": "belongs to programmatic tool calling, which this gateway does not offer.",
+    "program_output": "belongs to programmatic tool calling, which this gateway does not offer.",
+    "compaction_trigger": "asks for compaction inside a response, which this gateway does not "
+                          "do; call POST /v1/responses/compact and continue from its output.",
+    "configuration_update": "changes settings mid-conversation, which this gateway does not "
+                            "do; send the settings (reasoning, text) with the request instead.",
+    "additional_tools": "adds tools mid-conversation, which this gateway does not do; declare "
+                        "every tool in the request's 'tools'.",
+}
 
 
 def _websocket_stream(value: Any, parent: str, key: str) -> None:
@@ -1174,6 +1199,10 @@ class _Validator:
             else:
                 shape = items.get(kind)
                 if shape is None:
+                    why = _UNSUPPORTED_ITEMS.get(kind)
+                    if why is not None:
+                        raise invalid(f"Unsupported item type '{kind}': it {why}",
+                                      f"{item_path}.type", "unsupported_parameter")
                     raise _bad_choice(f"{item_path}.type", kind, _ITEM_TYPES)
             shape.check(item, item_path)
 
