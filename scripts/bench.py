@@ -9,6 +9,8 @@ ratios measured within one run (through ORP vs direct to the upstream). Wall-clo
     scripts/bench --quick               # a smaller run
     scripts/bench --only cpu            # one section: cpu, sweep, memory, store, json, routing
     scripts/bench --target URL --target-pid PID   # the same load against another gateway
+    scripts/bench --only store --store-url postgresql://orp@127.0.0.1:5432/bench
+                                        # store costs on SQLite and on PostgreSQL
 
 Everything listens on 127.0.0.1; every loop is bounded in count and time.
 """
@@ -54,12 +56,15 @@ def mock_upstream(interval_ms: float) -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def orp(upstream: str | None, db: str, **settings: str) -> Iterator[tuple[str, int]]:
+def orp(upstream: str | None, db: str, store_url: str | None = None, **settings: str
+        ) -> Iterator[tuple[str, int]]:
     """`orp-proxy serve` (one process, no gateway keys), output discarded; `upstream` None:
-    the upstreams come from `settings` (ORP_CONFIG)."""
+    the upstreams come from `settings` (ORP_CONFIG). The store: SQLite at `db`, or
+    `store_url`."""
     port = procs.free_port()
+    store = ["--store-url", store_url] if store_url else ["--db-path", db]
     args = [sys.executable, "-m", "orp_proxy.cli", "serve", "--port", str(port),
-            "--db-path", db, "--log-level", "warning"]
+            *store, "--log-level", "warning"]
     if upstream is not None:
         args += ["--upstream-url", upstream]
     proc = subprocess.Popen(args, env=procs.clean_env(ORP_AUTH_MODE="none", **settings),
@@ -321,13 +326,14 @@ def section_memory(scale: float, target: str | None, target_pid: int | None
     return row
 
 
-def section_store(scale: float) -> dict[str, Any]:
-    """CPU per request with store true vs false, and with replayed lineages of 10/100/1000."""
+def section_store(scale: float, store_url: str | None = None) -> dict[str, Any]:
+    """CPU per request with store true vs false, and with replayed lineages of 10/100/1000;
+    on SQLite, or on the store `store_url` names (PostgreSQL)."""
     import urllib.request
 
     out: dict[str, Any] = {}
     with mock_upstream(0.0) as (up_url, _), tempfile.TemporaryDirectory() as tmp, \
-            orp(up_url, os.path.join(tmp, "bench.sqlite3")) as (gw_url, gw_pid):
+            orp(up_url, os.path.join(tmp, "bench.sqlite3"), store_url) as (gw_url, gw_pid):
         short = {"model": "bench", "input": "x", "max_output_tokens": 16}
         pids = {"proxy": gw_pid}
         measured(gw_url, "responses", 10, 100, dict(short, store=True), pids)  # warm-up
@@ -341,7 +347,7 @@ def section_store(scale: float) -> dict[str, Any]:
             out[label] = {"store_false_us": round(false, 1), "store_true_us": round(true, 1),
                           "store_overhead_pct": round((true / false - 1) * 100, 1)}
         _print("store", out)
-        out["paced20_256_tokens"] = _store_cost_paced(scale)
+        out["paced20_256_tokens"] = _store_cost_paced(scale, store_url)
         _print("store paced", out["paced20_256_tokens"])
 
         def post(body: dict[str, Any]) -> dict[str, Any]:
@@ -372,11 +378,11 @@ def section_store(scale: float) -> dict[str, Any]:
     return out
 
 
-def _store_cost_paced(scale: float) -> dict[str, Any]:
+def _store_cost_paced(scale: float, store_url: str | None = None) -> dict[str, Any]:
     """store:true vs false where models really are: 256 tokens at 20 ms, 100 streams."""
     cost: dict[str, list[float]] = {"false": [], "true": []}
     with mock_upstream(20.0) as (up_url, _), tempfile.TemporaryDirectory() as tmp, \
-            orp(up_url, os.path.join(tmp, "bench.sqlite3")) as (gw_url, gw_pid):
+            orp(up_url, os.path.join(tmp, "bench.sqlite3"), store_url) as (gw_url, gw_pid):
         requests = max(100, int(200 * scale))
         for store in (False, True, False, True):
             row = measured(gw_url, "responses", 100, requests, dict(BENCH_BODY, store=store),
@@ -502,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", help="measure another Responses endpoint (base URL with /v1)")
     parser.add_argument("--target-pid", type=int, help="PID of that gateway's process")
     parser.add_argument("--out", default="bench-results.json", help="result file (JSON)")
+    parser.add_argument("--store-url", metavar="URL",
+                        help="the store section also on this PostgreSQL database "
+                             "(postgresql://USER@HOST:PORT/DB), next to SQLite")
     args = parser.parse_args(argv)
     scale = 0.25 if args.quick else 1.0
     chosen = args.only or list(SECTIONS)
@@ -519,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = section_memory(scale, args.target, args.target_pid)
     if "store" in chosen and args.target is None:
         results["store"] = section_store(scale)
+        if args.store_url:
+            results["store_postgresql"] = section_store(scale, args.store_url)
     if "json" in chosen:
         results["json"] = section_json(scale, args.target, args.target_pid)
     if "routing" in chosen and args.target is None:

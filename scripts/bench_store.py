@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Benchmark the SQLite response store: save per turn and `load_lineage` by chain length.
+"""Benchmark the response store: save per turn and `load_lineage` by chain length.
 
 Builds conversations of 10, 100 and 1000 turns (one short user message in, one assistant
-message out per turn) in a temporary database, then times `load_lineage` from the last turn.
+message out per turn) in a temporary SQLite database (or the empty PostgreSQL database
+`--store-url` names), then times `load_lineage` from the last turn.
 
     python scripts/bench_store.py [--turns 10,100,1000] [--loads 50] [--json out.json]
+                                  [--store-url postgresql://USER@HOST:PORT/DB]
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ujson
 
-from orp_proxy.store.sqlite import SQLiteStore, StoredResponse
+from orp_proxy.config import Settings
+from orp_proxy.store import ResponseStore, StoredResponse
+from orp_proxy.store.factory import open_store
+
+# Response ids are unique in a database: a second run against the same one needs new ones.
+_RUN = f"{time.time_ns():x}"
 
 
 def _user_item(turn: int) -> dict[str, Any]:
@@ -107,12 +114,12 @@ def _summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def _bench_chain(store: SQLiteStore, owner: str, turns: int, loads: int) -> dict[str, Any]:
+async def _bench_chain(store: ResponseStore, owner: str, turns: int, loads: int) -> dict[str, Any]:
     prev: str | None = None
     saves: list[float] = []
     base = int(time.time())
     for turn in range(turns):
-        resp_id = f"resp_{turns}_{turn:06d}"
+        resp_id = f"resp_{_RUN}_{turns}_{turn:06d}"
         record = StoredResponse(
             id=resp_id,
             owner=owner,
@@ -145,17 +152,21 @@ async def _bench_chain(store: SQLiteStore, owner: str, turns: int, loads: int) -
     }
 
 
-async def _run(turn_counts: list[int], loads: int, directory: str) -> dict[str, Any]:
-    store = await SQLiteStore.open(os.path.join(directory, "bench.sqlite3"))
+async def _run(turn_counts: list[int], loads: int, directory: str, store_url: str | None
+               ) -> dict[str, Any]:
+    url = store_url or f"sqlite:///{os.path.join(directory, 'bench.sqlite3')}"
+    store = await open_store(Settings(store_url=url))
     try:
-        owner = store.owner_id("sk-bench")
+        # A fresh owner per run: the chains of an earlier run in the same database stay apart.
+        owner = store.owner_id(f"sk-bench-{time.time_ns()}")
         chains = [await _bench_chain(store, owner, n, loads) for n in turn_counts]
         stats = await store.stats()
     finally:
         await store.close()
     return {
         "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
+        "backend": "postgresql" if store_url else "sqlite",
+        "server": stats.get("server_version") or f"SQLite {sqlite3.sqlite_version}",
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "loads_per_chain": loads,
@@ -169,14 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", default="10,100,1000", help="chain lengths, comma separated")
     parser.add_argument("--loads", type=int, default=50, help="timed loads per chain")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--store-url", metavar="URL",
+                        help="an empty PostgreSQL database to measure instead of SQLite")
     args = parser.parse_args(argv)
     turn_counts = [int(part) for part in args.turns.split(",") if part.strip()]
 
     with tempfile.TemporaryDirectory(prefix="orp-bench-") as directory:
-        result = asyncio.run(_run(turn_counts, args.loads, directory))
+        result = asyncio.run(_run(turn_counts, args.loads, directory, args.store_url))
 
     print(
-        f"SQLite {result['sqlite']}, Python {result['python']}, {result['cpus']} CPUs, "
+        f"{result['server']}, Python {result['python']}, {result['cpus']} CPUs, "
         f"{result['loads_per_chain']} loads per chain"
     )
     header = (

@@ -347,6 +347,19 @@ async def test_the_gateway_while_the_database_is_away(
     # store: false needs no store.
     status, raw = await post({"model": "mock", "input": "x", "store": False})
     assert status == 200
+    # WebSocket mode: the turn is refused with the same error, the connection stays open.
+    async with proxy.session.ws_connect(url("/v1/responses")) as ws:
+        await ws.send_json({"type": "response.create", "model": "mock", "input": "x",
+                            "previous_response_id": first})
+        envelope = await ws.receive_json(timeout=10)
+        assert envelope["type"] == "error" and envelope["status"] == 503
+        assert envelope["error"]["code"] == "store_unavailable"
+        await ws.send_json({"type": "response.create", "model": "mock", "input": "y",
+                            "store": False})
+        events = []
+        while not events or events[-1]["type"] not in ("response.completed", "error"):
+            events.append(await ws.receive_json(timeout=10))
+        assert events[-1]["type"] == "response.completed"
     async with proxy.session.get(url("/readyz")) as resp:
         assert resp.status == 503
         assert (await resp.json())["reason"] == "store_not_writable"

@@ -227,8 +227,12 @@ class PostgresStore:
     on shutdown.
     """
 
-    def __init__(self, pool: Any, owner_key: bytes, shown_url: str) -> None:
+    def __init__(self, pool: Any, owner_key: bytes, shown_url: str,
+                 acquire_timeout: float = 15.0) -> None:
         self._pool = pool
+        # Waiting for a free pooled connection (and opening one) is bounded too: a database
+        # that stalls every statement must not queue requests without end.
+        self._acquire_timeout = acquire_timeout
         self._owner_key = owner_key
         self._shown_url = shown_url
         self._pending: list[_PendingSave] = []
@@ -284,7 +288,7 @@ class PostgresStore:
         chosen = owner_secret if owner_secret is not None else key
         if chosen is None:
             raise RuntimeError("the database holds no owner key: run `orp-proxy store migrate`")
-        return cls(pool, chosen, shown_url)
+        return cls(pool, chosen, shown_url, connect_timeout + statement_timeout)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -304,7 +308,7 @@ class PostgresStore:
         for attempt in range(2):
             connected = False
             try:
-                async with self._pool.acquire() as con:
+                async with self._pool.acquire(timeout=self._acquire_timeout) as con:
                     connected = True
                     result = await work(con)
                 if self._down_since is not None:
