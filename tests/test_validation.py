@@ -1553,3 +1553,31 @@ def test_cyclic_schema_from_python_callers_terminates() -> None:
     cyclic["self"] = cyclic
     error = expect_error(body(tools=[fn_tool("t", parameters=cyclic)]))
     assert error.param == "tools[0].parameters"
+
+
+# -- lone surrogates (issue 12, item 11) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "gpt\ud800", "input": "x"}, "model"),
+    ({"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "ok"}, {"type": "input_text", "text": "a\udfffb"}]}]},
+     "input[0].content[1].text"),
+    ({"model": "m", "input": "x", "metadata": {"k\udc00": "v"}}, "metadata.k\\udc00"),
+    ({"model": "m", "input": "x", "tools": [{"type": "function", "name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"enum": ["x", "\ud83d"]}}}}]},
+     "tools[0].parameters.properties.a.enum[1]"),
+])
+def test_lone_surrogates_are_refused_naming_the_path(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        validate_create_body(body)
+    assert (caught.value.status, caught.value.param, caught.value.code) == (
+        400, param, "invalid_unicode")
+    if param == "model" or param.startswith("input"):
+        with pytest.raises(ApiError) as caught:
+            validate_compact_body({"model": body["model"], "input": body["input"]})
+        assert (caught.value.param, caught.value.code) == (param, "invalid_unicode")
+
+
+def test_surrogate_pairs_are_fine() -> None:
+    validate_create_body({"model": "m", "input": "smile \U0001f600"})

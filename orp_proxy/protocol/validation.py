@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
 
+import ujson
+
 from orp_proxy.errors import ApiError, invalid
 from orp_proxy.protocol.tools import BUILTIN_TYPES, HOSTED_TYPES
 
@@ -1352,6 +1354,55 @@ def _check_tool_choice_names(body: dict[str, Any]) -> None:
             )
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _shown_key(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_unicode(body: dict[str, Any]) -> None:
+    """Reject a lone UTF-16 surrogate (a `\\ud800` escape without its pair) in any string or
+    key: it is not Unicode, so it cannot be sent on as UTF-8, and upstream servers answer 5xx
+    to it as an escape. One C-speed encode finds out whether there is one; only then a walk
+    (by levels, no recursion) finds its path."""
+    try:
+        ujson.dumps(body, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    except (OverflowError, ValueError, TypeError):
+        pass  # a value the encoder refuses for another reason: the walk decides
+    level: list[tuple[Any, str]] = [(body, "")]
+    seen: set[int] = set()  # a value that contains itself (Python callers only) ends
+    while level:
+        below: list[tuple[Any, str]] = []
+        for node, path in level:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            pairs = (node.items() if isinstance(node, dict)
+                     else ((f"{path}[{i}]", v) for i, v in enumerate(node)))
+            for key, child in pairs:
+                if isinstance(node, dict):
+                    if _SURROGATE.search(key):
+                        where = _join(path, _shown_key(key))
+                        raise _lone_surrogate(where, "name")
+                    key = _join(path, key)
+                if isinstance(child, str):
+                    if not child.isascii() and _SURROGATE.search(child):
+                        raise _lone_surrogate(key, "value")
+                elif isinstance(child, (dict, list)):
+                    below.append((child, key))
+        level = below
+
+
+def _lone_surrogate(path: str, what: str) -> ApiError:
+    return invalid(f"Invalid {what} at '{path}': the string contains a lone UTF-16 surrogate "
+                   "(an escape such as \\ud800 without its pair), which is not valid Unicode.",
+                   path, "invalid_unicode")
+
+
 def validate_create_body(
     body: object, *, limits: RequestLimits = DEFAULT_LIMITS, websocket: bool = False
 ) -> dict[str, Any]:
@@ -1360,6 +1411,7 @@ def validate_create_body(
     Returns `body` itself; raises `ApiError` (400) naming the first offending path.
     """
     body = _require_object(body)
+    _check_unicode(body)
     validator = _validator(limits)
     (validator.create_websocket if websocket else validator.create).check(body, "")
     _require_input(body)
@@ -1379,6 +1431,7 @@ def validate_compact_body(
 ) -> dict[str, Any]:
     """Validate a `/responses/compact` body (`CompactResponseMethodPublicBody`); returns it."""
     body = _require_object(body)
+    _check_unicode(body)
     _validator(limits).compact.check(body, "")
     _require_input(body)
     return body

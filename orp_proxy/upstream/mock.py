@@ -557,6 +557,16 @@ def _pick_call(tools: list[Any], messages: list[dict[str, Any]]) -> tuple[str, s
     return str(wanted["name"]), arguments
 
 
+def _has_lone_surrogate(body: Any) -> bool:
+    try:
+        ujson.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (OverflowError, ValueError, TypeError):
+        return False
+    return False
+
+
 def _client_gone(request: web.BaseRequest) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -693,6 +703,12 @@ class MockUpstream:
             return web.json_response(error, status=400)
         record = RecordedRequest(body, _Headers(request.headers), time.monotonic())
         self.requests.append(record)
+        if _has_lone_surrogate(body):
+            # As real servers do: a `\ud800` escape without its pair is no text a tokenizer
+            # takes, and they fail with a 5xx (the fuzz found it against real backends).
+            failure = {"error": {"code": 500, "type": "server_error", "message":
+                                 "invalid string: lone UTF-16 surrogate"}}
+            return web.json_response(failure, status=500)
         scenario = self._queue.popleft() if self._queue else None
         try:
             model = body.get("model")
