@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from orp_proxy.protocol.translate import (
     normalize_input,
     to_chat_messages,
 )
+from orp_proxy.protocol.truncation import drop_older_turns
 from orp_proxy.routing import BuildChat, RouteHints, model_not_found
 from orp_proxy.state import Gateway
 from orp_proxy.store import StoredResponse
@@ -167,6 +168,9 @@ class PreparedExchange:
     new_items: list[dict[str, Any]]
     persist: Persistence | None
     dropped: list[str] = field(default_factory=list)  # hosted tools left out (ToolSet.dropped)
+    # `truncation: "auto"`: the builder of a shorter context, or None when nothing is left to
+    # drop (see `protocol.truncation`); None for "disabled".
+    shorten: Callable[[], BuildChat | None] | None = None
 
     async def open(self, gateway: Gateway, *, request_id: str,
                    authorization: str | None = None) -> Exchange:
@@ -174,8 +178,22 @@ class PreparedExchange:
         if self.dropped:
             log.info("request %s: hosted tools dropped: %s", request_id,
                      ", ".join(self.dropped))
-        upstream = await gateway.router.open(self.model, self.build, request_id=request_id,
-                                             authorization=authorization, hints=self.hints)
+        build = self.build
+        while True:
+            try:
+                upstream = await gateway.router.open(self.model, build, request_id=request_id,
+                                                     authorization=authorization,
+                                                     hints=self.hints)
+                break
+            except ApiError as exc:
+                if exc.code != "context_length_exceeded" or self.shorten is None:
+                    raise
+                shorter = self.shorten()
+                if shorter is None:
+                    raise
+                log.info("request %s: the context does not fit the model; older turns "
+                         "dropped (truncation: auto)", request_id)
+                build = shorter
         return Exchange(self.transcoder, upstream, self.persist, new_items=self.new_items,
                         headers=_dropped_header(self.dropped))
 
@@ -227,7 +245,20 @@ async def prepare_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str
                        prompt_cache_key=body.get("prompt_cache_key"))
     persist = (Persistence(gateway.store, owner, new_items, settings.store_ttl_seconds or None)
                if body.get("store") is not False else None)
-    return PreparedExchange(model, build, hints, transcoder, new_items, persist, tools.dropped)
+    shorten: Callable[[], BuildChat | None] | None = None
+    if body.get("truncation") == "auto":
+        remaining = [context]
+
+        def shorten() -> BuildChat | None:
+            shorter = drop_older_turns(remaining[0])
+            if shorter is None:
+                return None
+            remaining[0] = shorter
+            return chat_builder(settings, body, shorter, instructions=body.get("instructions"),
+                                tools=tools)
+
+    return PreparedExchange(model, build, hints, transcoder, new_items, persist, tools.dropped,
+                            shorten)
 
 
 async def start_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str,

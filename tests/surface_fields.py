@@ -70,9 +70,10 @@ FIELDS: Final[dict[str, tuple[str, str]]] = {
     "prompt_cache_options.comparison_response_id": (NO_EFFECT, "a cache diagnostic"),
     "prompt_cache_options.prewarm": (HONOURED, "true: a warm-up like WebSocket generate: "
                                      "false (completed at once, no output, continuable)"),
-    "truncation": (NO_EFFECT, "ORP never truncates: \"disabled\" is what happens, and "
-                   "\"auto\" only allows truncating (spec: MAY); an overflow is the upstream's "
-                   "400 either way"),
+    "truncation": (HONOURED, "\"auto\": when the upstream says the context does not fit, "
+                   "the older half of the turns is dropped and the request sent again (system "
+                   "and developer messages kept, a turn never split); \"disabled\"/null: that "
+                   "400 context_length_exceeded is the answer"),
     "background": (HONOURED, "true: a background response (see Background responses); needs "
                              "store"),
     "background_options": (REFUSED, "see its fields"),
