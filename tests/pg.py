@@ -21,6 +21,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -137,6 +138,22 @@ class Cluster:
             self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+# Stops the server and removes its directory once the test process is gone, however it went
+# (a killed pytest runs no teardown, and a server left running would outlive it).
+_WATCHDOG = """
+import os, shutil, subprocess, sys, time
+pid, directory, *stop = sys.argv[1:]
+while os.path.isdir(directory):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        subprocess.run(stop, capture_output=True, timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+        break
+    time.sleep(1)
+"""
+
+
 @contextlib.contextmanager
 def running_cluster(bindir: str) -> Iterator[Cluster]:
     directory = Path(tempfile.mkdtemp(prefix="orp-pg-"))
@@ -144,6 +161,12 @@ def running_cluster(bindir: str) -> Iterator[Cluster]:
         owner = pwd.getpwnam("postgres")
         os.chown(directory, owner.pw_uid, owner.pw_gid)
     cluster = Cluster(bindir, directory, procs.free_port())
+    stop = [f"{bindir}/pg_ctl", "-D", str(cluster.data), "-m", "immediate", "-w", "stop"]
+    if os.geteuid() == 0:
+        stop = ["runuser", "-u", "postgres", "--", *stop]
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()),
+                                 str(directory), *stop], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         cluster.init()
         cluster.start()
@@ -152,6 +175,8 @@ def running_cluster(bindir: str) -> Iterator[Cluster]:
     finally:
         cluster.stop("immediate")
         shutil.rmtree(directory, ignore_errors=True)
+        watchdog.terminate()
+        watchdog.wait(10)
 
 
 def wait_accepting(cluster: Cluster, timeout: float = 30.0) -> None:

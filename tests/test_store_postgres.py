@@ -485,3 +485,44 @@ def test_unit_and_install_script_carry_the_database_password_as_a_credential() -
         ["bash", script, "--dry-run", "--store-url", "postgresql://orp:pw@db/orp"],
         capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "no password in --store-url" in refused.stderr
+
+
+# -- the test cluster itself -----------------------------------------------------------------
+
+
+def test_missing_postgres_fails_under_ci_and_skips_elsewhere(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pg, "find_bindir", lambda: None)
+    monkeypatch.delenv("ORP_TEST_PG", raising=False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install postgresql"):
+        pg.require_postgres()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        pg.require_postgres()
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv("ORP_TEST_PG", "0")
+    with pytest.raises(pytest.skip.Exception, match="ORP_TEST_PG=0"):
+        pg.require_postgres()
+
+
+def test_a_killed_test_run_leaves_no_server_behind(tmp_path: Path) -> None:
+    # A child that starts a cluster and is then SIGKILLed, as a timed-out CI job would be.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from tests import pg\n"
+         "with pg.running_cluster(pg.require_postgres()) as c:\n"
+         "    print(c.directory, flush=True)\n"
+         "    time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True, env=procs.clean_env(), cwd=procs.ROOT)
+    try:
+        assert child.stdout is not None
+        directory = Path(child.stdout.readline().strip())
+        assert (directory / "data" / "postmaster.pid").exists()
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.monotonic() + 30
+    while directory.exists():
+        assert time.monotonic() < deadline, "the server outlived the killed run"
+        time.sleep(0.2)
