@@ -391,3 +391,21 @@ async def test_malformed_chunk_shapes_fail_cleanly(proxy: Proxy, mock: MockUpstr
     assert (await stored.json())["status"] == "failed"
     status, _, data = await proxy.post({"model": "m", "input": "x"})
     assert (status, error_of(status, data)["code"]) == (502, "upstream_bad_response")
+
+
+async def test_other_choices_are_left_out_and_logged_once(
+        proxy: Proxy, mock: MockUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    # n > 1 (or a misbehaving server): only choice 0 is the answer.
+    chunks = [{"choices": [{"index": 0, "delta": {"content": "zero"}},
+                           {"index": 1, "delta": {"content": "one"}}]},
+              {"choices": [{"index": 1, "delta": {"content": "ONE"}}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"},
+                           {"index": 1, "delta": {}, "finish_reason": "stop"}]}]
+    mock.enqueue(Scenario(chunks=chunks))
+    with caplog.at_level("WARNING", logger="orp.exchange"):
+        events, _ = await proxy.stream({"model": "m", "input": "x"})
+    response = events[-1]["response"]
+    assert response["status"] == "completed"
+    assert [p["text"] for p in response["output"][0]["content"]] == ["zero"]
+    notes = [r for r in caplog.records if "choice 0" in r.getMessage()]
+    assert len(notes) == 1 and response["id"] in notes[0].getMessage()
