@@ -1,5 +1,6 @@
 """Background responses in one process (real ORP app, real mock upstream, real clients):
-queued answers, the kept event log, resuming streams, cancel, orphaned runs, retention, limits.
+queued answers, the kept event log, resuming streams, cancel, orphaned runs, retention, limits;
+each on SQLite and on PostgreSQL.
 
 The cross-process cases (another worker resumes or cancels, SIGKILL of the running worker) are
 in `test_gunicorn_background.py`.
@@ -11,7 +12,7 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import openai
@@ -30,6 +31,29 @@ StartProxy = Callable[[Settings], Awaitable[Proxy]]
 WORDS = [f"w{i} " for i in range(40)]
 AUTH = {"Authorization": "Bearer sk-client"}  # the SDK's credential: the same owner
 BG = {"model": "mock", "input": "x", "background": True}
+
+
+@pytest.fixture
+def settings(settings: Settings, store_url: str) -> Settings:
+    """Every test here on both stores (`store_url` is parametrized: SQLite, PostgreSQL)."""
+    return dataclasses.replace(settings, store_url=store_url)
+
+
+@pytest.fixture
+async def start_proxy(start_proxy: StartProxy, store_url: str
+                      ) -> AsyncIterator[StartProxy]:
+    """The servers are closed before the store's database is dropped (runs still writing
+    their last events would otherwise wait for a database that is gone)."""
+    servers = []
+
+    async def start(settings: Settings) -> Proxy:
+        proxy = await start_proxy(settings)
+        servers.append(proxy.server)
+        return proxy
+
+    yield start
+    for server in servers:
+        await server.close()
 
 
 def paced(words: list[str] = WORDS, delay: float = 0.03) -> Scenario:

@@ -37,7 +37,14 @@ from typing import Any, TypeVar
 import asyncpg
 import ujson
 
-from orp_proxy.store.base import InputItemsPage, StoredResponse, StoreUnavailable
+from orp_proxy.store.base import (
+    EventBatch,
+    InputItemsPage,
+    RunInfo,
+    StoredEvent,
+    StoredResponse,
+    StoreUnavailable,
+)
 from orp_proxy.store.encoding import dumps, item_id, loads_list
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "is_unavailable"]
@@ -95,7 +102,39 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE INDEX items_order ON items (response_rid, kind, seq)""",
         """CREATE INDEX items_by_id ON items (item_id) WHERE item_id IS NOT NULL""",
     ),
+    (
+        # Background runs and their event logs, as in the SQLite store.
+        """CREATE TABLE runs (
+            response_id      text PRIMARY KEY REFERENCES responses (id) ON DELETE CASCADE,
+            owner            text NOT NULL,
+            worker           text NOT NULL,
+            lease_until      double precision NOT NULL,
+            cancel_requested boolean NOT NULL DEFAULT false,
+            finished         boolean NOT NULL DEFAULT false,
+            last_seq         integer NOT NULL DEFAULT -1,
+            keep_until       double precision,
+            events_kept      boolean NOT NULL DEFAULT true
+        )""",
+        """CREATE INDEX runs_by_worker ON runs (worker) WHERE NOT finished""",
+        """CREATE INDEX runs_by_lease ON runs (lease_until) WHERE NOT finished""",
+        """CREATE INDEX runs_by_owner ON runs (owner) WHERE NOT finished""",
+        """CREATE INDEX runs_by_keep ON runs (keep_until) WHERE events_kept""",
+        """CREATE TABLE events (
+            response_id text NOT NULL REFERENCES runs (response_id) ON DELETE CASCADE,
+            seq         integer NOT NULL,
+            body        text NOT NULL,
+            PRIMARY KEY (response_id, seq)
+        )""",
+    ),
 )
+
+# Notifications of background runs: payload "events:<response id>" (events appended) or
+# "cancel:<worker>" (a run of that worker is to be cancelled).
+_CHANNEL = "orp_background"
+# A topic nobody waited on for this long is forgotten (its pending notice with it).
+_TOPIC_IDLE = 60.0
+_RUN_COLUMNS = ("response_id, owner, worker, lease_until, cancel_requested, finished, "
+                "last_seq, events_kept")
 
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -242,6 +281,15 @@ class PostgresStore:
         self._down_until = 0.0
         self._down_since: float | None = None  # for logging the outage once, not per request
         self._closing = False
+        # Background runs' notifications: one LISTEN connection outside the pool (opened on
+        # first use), and per topic an event set by a notice and cleared by its waiter.
+        self._listen_connect: Callable[[], Awaitable[Any]] | None = None
+        self._listener: Any = None
+        self._listening: asyncio.Lock = asyncio.Lock()
+        self._topics: dict[str, tuple[asyncio.Event, float]] = {}
+
+    # LISTEN/NOTIFY wakes followers and cancel watchers of other processes at once.
+    notifies = True
 
     @classmethod
     async def open(cls, dsn: str, *, password: str | None = None,
@@ -288,7 +336,17 @@ class PostgresStore:
         chosen = owner_secret if owner_secret is not None else key
         if chosen is None:
             raise RuntimeError("the database holds no owner key: run `orp-proxy store migrate`")
-        return cls(pool, chosen, shown_url, connect_timeout + statement_timeout)
+        store = cls(pool, chosen, shown_url, connect_timeout + statement_timeout)
+
+        def listen_connect() -> Awaitable[Any]:
+            # A direct connection: LISTEN does not survive a transaction-mode PgBouncer.
+            connecting: Awaitable[Any] = asyncpg.connect(
+                dsn, password=password, timeout=connect_timeout,
+                server_settings={"application_name": "orp-proxy-listen"})
+            return connecting
+
+        store._listen_connect = listen_connect
+        return store
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -425,6 +483,13 @@ class PostgresStore:
             self._saver = None
 
     async def _save_batch(self, batch: list[_PendingSave]) -> None:
+        async def work(con: Any) -> None:
+            await self._save_batch_on(con, batch)
+
+        await self._run(work, started=True)
+
+    @staticmethod
+    async def _save_batch_on(con: Any, batch: list[_PendingSave]) -> None:
         columns: list[list[Any]] = [[] for _ in range(7)]
         for pending in batch:
             for column, value in zip(columns, pending.params, strict=True):
@@ -441,12 +506,7 @@ class PostgresStore:
                 seqs.append(seq)
                 item_ids.append(iid)
                 bodies.append(body)
-
-        async def work(con: Any) -> None:
-            await con.execute(_SAVE_BATCH_SQL, *columns, positions, kinds, seqs, item_ids,
-                              bodies)
-
-        await self._run(work, started=True)
+        await con.execute(_SAVE_BATCH_SQL, *columns, positions, kinds, seqs, item_ids, bodies)
 
     async def load_lineage(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
         """Context for continuing from `response_id`, in spec order, from one query."""
@@ -604,6 +664,206 @@ class PostgresStore:
 
         await self._write(work)
 
+    # -- background runs ---------------------------------------------------------------------
+
+    async def start_run(self, record: StoredResponse, events: Sequence[StoredEvent], *,
+                        worker: str, lease_until: float) -> None:
+        """The queued response, its run and its first events, in one transaction."""
+        pending = self._pending_save(record)
+        last = max((e.seq for e in events), default=-1)
+
+        async def work(con: Any) -> None:
+            async with con.transaction():
+                await self._save_batch_on(con, [pending])
+                await con.execute(
+                    "INSERT INTO runs (response_id, owner, worker, lease_until, last_seq) "
+                    "VALUES ($1, $2, $3, $4, $5)",
+                    record.id, record.owner, worker, lease_until, last)
+                await _insert_events(con, record.id, events)
+
+        await self._write(work)
+
+    async def update_response(self, record: StoredResponse) -> None:
+        """One transaction: the row's object and status, and the output items replaced."""
+        pending = self._pending_save(record)
+        outputs = [row for row in pending.items if row[0] == _OUTPUT]
+
+        async def work(con: Any) -> None:
+            async with con.transaction():
+                rid = await con.fetchval(
+                    "UPDATE responses SET status = $2, response = $3 WHERE id = $1 "
+                    "RETURNING rid", record.id, pending.params[4], pending.params[6])
+                if rid is None:
+                    return
+                await con.execute("DELETE FROM items WHERE response_rid = $1 AND kind = $2",
+                                  rid, _OUTPUT)
+                await con.execute(
+                    "INSERT INTO items (response_rid, kind, seq, item_id, body) "
+                    "SELECT $1, $2, x.seq, x.item_id, x.body FROM unnest($3::int[], "
+                    "$4::text[], $5::text[]) AS x (seq, item_id, body)",
+                    rid, _OUTPUT, [r[1] for r in outputs], [r[2] for r in outputs],
+                    [r[3] for r in outputs])
+
+        await self._write(work)
+
+    async def append_events(self, batches: Sequence[EventBatch]) -> list[str]:
+        """Every batch in one transaction; the notices go out when it commits."""
+        if not batches:
+            return []
+
+        async def work(con: Any) -> list[str]:
+            refused = []
+            async with con.transaction():
+                for batch in batches:
+                    held = await con.fetchval(
+                        "SELECT 1 FROM runs WHERE response_id = $1 AND worker = $2 "
+                        "AND NOT finished FOR UPDATE", batch.response_id, batch.worker)
+                    if held is None:
+                        refused.append(batch.response_id)
+                        continue
+                    if batch.events:
+                        await _insert_events(con, batch.response_id, batch.events)
+                    await con.execute(
+                        "UPDATE runs SET last_seq = greatest(last_seq, $2), "
+                        "finished = $3, keep_until = $4 WHERE response_id = $1",
+                        batch.response_id, batch.events[-1].seq if batch.events else -1,
+                        batch.keep_until is not None, batch.keep_until)
+                    await con.execute("SELECT pg_notify($1, $2)", _CHANNEL,
+                                      f"events:{batch.response_id}")
+            return refused
+
+        return await self._write(work)
+
+    async def read_events(self, response_id: str, after: int, limit: int = 500
+                          ) -> list[StoredEvent]:
+        rows = await self._fetch(
+            "SELECT seq, body FROM events WHERE response_id = $1 AND seq > $2 ORDER BY seq "
+            "LIMIT $3", response_id, after, limit)
+        return [StoredEvent(seq, body) for seq, body in rows]
+
+    async def get_run(self, owner: str, response_id: str) -> RunInfo | None:
+        rows = await self._fetch(
+            "SELECT u.response_id, u.owner, u.worker, u.lease_until, u.cancel_requested, "
+            "u.finished, u.last_seq, u.events_kept FROM runs AS u "
+            "JOIN responses AS r ON r.id = u.response_id "
+            "WHERE u.response_id = $1 AND u.owner = $2 "
+            "AND (r.expires_at IS NULL OR r.expires_at > $3)", response_id, owner, time.time())
+        return _run_info(rows[0]) if rows else None
+
+    async def renew_leases(self, worker: str, response_ids: Sequence[str],
+                           lease_until: float) -> None:
+        ids = list(response_ids)
+        if not ids:
+            return
+
+        async def work(con: Any) -> None:
+            await con.execute("UPDATE runs SET lease_until = $1 WHERE worker = $2 "
+                              "AND NOT finished AND response_id = ANY($3::text[])",
+                              lease_until, worker, ids)
+
+        await self._write(work)
+
+    async def request_cancel(self, response_id: str) -> None:
+        async def work(con: Any) -> None:
+            await con.execute(
+                "WITH marked AS (UPDATE runs SET cancel_requested = true "
+                "WHERE response_id = $1 AND NOT finished RETURNING worker) "
+                "SELECT pg_notify($2, 'cancel:' || worker) FROM marked", response_id, _CHANNEL)
+
+        await self._write(work)
+
+    async def cancel_requests(self, worker: str) -> list[str]:
+        rows = await self._fetch("SELECT response_id FROM runs WHERE worker = $1 "
+                                 "AND NOT finished AND cancel_requested", worker)
+        return [response_id for (response_id,) in rows]
+
+    async def claim_expired_runs(self, worker: str, now: float, lease_until: float
+                                 ) -> list[RunInfo]:
+        async def work(con: Any) -> list[Any]:
+            return list(await con.fetch(
+                "UPDATE runs SET worker = $1, lease_until = $2 "
+                f"WHERE NOT finished AND lease_until < $3 RETURNING {_RUN_COLUMNS}",
+                worker, lease_until, now))
+
+        return [_run_info(row) for row in await self._write(work)]
+
+    async def count_runs(self, owner: str) -> int:
+        rows = await self._fetch("SELECT count(*) FROM runs WHERE owner = $1 AND NOT finished",
+                                 owner)
+        return int(rows[0][0])
+
+    async def purge_events(self, now: float) -> int:
+        async def work(con: Any) -> int:
+            async with con.transaction():
+                rows = await con.fetch(
+                    "UPDATE runs SET events_kept = false WHERE events_kept "
+                    "AND keep_until <= $1 RETURNING response_id", now)
+                ids = [response_id for (response_id,) in rows]
+                if ids:
+                    await con.execute("DELETE FROM events WHERE response_id = ANY($1::text[])",
+                                      ids)
+                return len(ids)
+
+        return await self._write(work)
+
+    async def wait_notice(self, topic: str, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait for a NOTIFY on `topic`. A notice that came since this topic's last wait
+        (while its waiter was busy) counts: nothing that happened in between is missed."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for stale in [t for t, (_, used) in self._topics.items() if now - used > _TOPIC_IDLE]:
+            del self._topics[stale]
+        event = self._topics.get(topic, (asyncio.Event(), now))[0]
+        self._topics[topic] = (event, now)
+        try:
+            await self._listen()
+        except Exception as exc:
+            # Without the listener, callers still look again after the timeout (bounded).
+            log.warning("LISTEN connection unavailable: %s", exc)
+            await asyncio.sleep(min(timeout, 1.0))
+            return False
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._topics[topic] = (event, loop.time())
+        event.clear()
+        return True
+
+    async def _listen(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        async with self._listening:
+            if self._listener is not None and not self._listener.is_closed():
+                return
+            self._check_open()
+            assert self._listen_connect is not None
+            listener = await self._listen_connect()
+            await listener.add_listener(_CHANNEL, self._on_notice)
+            self._listener = listener
+            # Notices sent while no connection listened are lost: wake every waiter once.
+            for event, _ in self._topics.values():
+                event.set()
+
+    def _on_notice(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        found = self._topics.get(payload)
+        if found is not None:
+            found[0].set()
+
+    def _pending_save(self, record: StoredResponse) -> _PendingSave:
+        """`record` encoded as `save_response` would (for writes in a transaction of ours)."""
+        response = dict(record.response)
+        output = response.get("output") or []
+        if "output" in response:
+            response["output"] = []
+        items = [(_INPUT, seq, item_id(item), dumps(item))
+                 for seq, item in enumerate(record.input_items)]
+        items += [(_OUTPUT, seq, item_id(item), dumps(item)) for seq, item in enumerate(output)]
+        params = (record.id, record.owner, record.previous_response_id, int(record.created_at),
+                  record.status, record.expires_at, dumps(response))
+        return _PendingSave(record.id, params, items, asyncio.get_running_loop().create_future())
+
     async def close(self) -> None:
         """Let pending writes finish, then close the pool (idempotent)."""
         if self._closing:
@@ -613,10 +873,31 @@ class PostgresStore:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         left, self._pending = self._pending, []
         _settle(left, RuntimeError("response store is closed"))
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            try:
+                await asyncio.wait_for(listener.close(), 5)
+            except Exception:
+                listener.terminate()
         try:
             await asyncio.wait_for(self._pool.close(), 10)
         except Exception:
             self._pool.terminate()
+
+
+async def _insert_events(con: Any, response_id: str, events: Sequence[StoredEvent]) -> None:
+    if events:
+        await con.execute(
+            "INSERT INTO events (response_id, seq, body) "
+            "SELECT $1, x.seq, x.body FROM unnest($2::int[], $3::text[]) AS x (seq, body)",
+            response_id, [e.seq for e in events], [e.body for e in events])
+
+
+def _run_info(row: Sequence[Any]) -> RunInfo:
+    response_id, owner, worker, lease_until, cancel, finished, last_seq, kept = row
+    return RunInfo(response_id=response_id, owner=owner, worker=worker,
+                   lease_until=float(lease_until), cancel_requested=bool(cancel),
+                   finished=bool(finished), last_seq=int(last_seq), events_kept=bool(kept))
 
 
 def _parse_joined(joined: str | None) -> list[dict[str, Any]]:
