@@ -61,8 +61,9 @@ log = logging.getLogger("orp.background")
 FLUSH_INTERVAL = 0.02
 # Seconds between saves of a running response's object (status, output so far).
 PROGRESS_INTERVAL = 1.0
-# With notifications, a follower still looks at the log this often (a lost notice costs this).
-NOTICE_TIMEOUT = 5.0
+# With notifications, a follower still looks at the log this often (a lost notice, or a pooler
+# that drops LISTEN, costs this much delay, never a stuck stream).
+NOTICE_TIMEOUT = 1.0
 # Shutdown: the share of the graceful timeout running responses get to finish, less the second
 # gunicorn's aiohttp worker may take to notice SIGTERM and the time to write their ends.
 SHUTDOWN_SHARE = 0.8

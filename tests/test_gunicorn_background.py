@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import httpx
 import openai
 import pytest
@@ -39,12 +40,12 @@ WORDS = [f"w{i}" for i in range(150)]  # 3 s at 20 ms a word
 
 
 @contextlib.contextmanager
-def _server(home: Path, upstream: str, **env: str) -> Iterator[Gunicorn]:
+def _server(home: Path, upstream: str, *, workers: int = 2, **env: str) -> Iterator[Gunicorn]:
     db_path = str(home / "orp.sqlite3")
     log = home / "gunicorn.log"
     arguments = [
         "orp_proxy.app:create_app",
-        "-k", "aiohttp.GunicornUVLoopWebWorker", "-w", "2", "-b", "127.0.0.1:0",
+        "-k", "aiohttp.GunicornUVLoopWebWorker", "-w", str(workers), "-b", "127.0.0.1:0",
         "--graceful-timeout", env.get("ORP_GRACEFUL_TIMEOUT", "10"), "--timeout", "60",
         "--keep-alive", "30", "--access-logfile", "-",
         "--access-logformat", 'ACCESS pid=%P rid=%{X-Request-Id}i "%r" %s',
@@ -56,7 +57,8 @@ def _server(home: Path, upstream: str, **env: str) -> Iterator[Gunicorn]:
     with procs.gunicorn(home, procs.clean_env(home, **settings), *arguments, stdout=log,
                         grace=15) as process:
         listening = procs.wait_for_line(log, procs.GUNICORN_LISTENING, process)
-        booted = procs.wait_for_lines(log, r"Booting worker with pid: (\d+)", process, count=2)
+        booted = procs.wait_for_lines(log, r"Booting worker with pid: (\d+)", process,
+                                      count=workers)
         yield Gunicorn(url=listening.group(1), db_path=db_path, log=log,
                        worker_pids={int(m.group(1)) for m in booted})
 
@@ -127,6 +129,16 @@ def _run_pid(server: Gunicorn, response_id: str) -> int:
         ((worker,),) = db.execute("SELECT worker FROM runs WHERE response_id = ?",
                                   (response_id,)).fetchall()
     return int(worker.split(":")[1])
+
+
+async def _pg_run_pid(pg_url: str, response_id: str) -> int:
+    con = await asyncpg.connect(pg_url)
+    try:
+        worker = await con.fetchval("SELECT worker FROM runs WHERE response_id = $1",
+                                    response_id)
+    finally:
+        await con.close()
+    return int(str(worker).split(":")[1])
 
 
 async def _mock_requests(upstream: str) -> list[dict[str, Any]]:
@@ -297,3 +309,104 @@ async def test_sigterm_lets_short_runs_finish_and_fails_the_rest(tmp_path: Path,
         assert rows[long.id] == "failed"
         assert finished == {short.id: 1, long.id: 1}
         _check_output(server)
+
+
+# -- PostgreSQL: two gunicorn masters (two hosts) sharing one database ------------------------
+
+
+@pytest.fixture
+def two_hosts(tmp_path: Path, mock_process: str, pg_url: str
+              ) -> Iterator[tuple[Gunicorn, Gunicorn]]:
+    """Two gunicorn masters of one worker each, as two hosts would run them: nothing shared
+    but the PostgreSQL database (and the upstream)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with _server(tmp_path / "a", mock_process, workers=1, ORP_STORE_URL=pg_url) as first, \
+            _server(tmp_path / "b", mock_process, workers=1, ORP_STORE_URL=pg_url) as second:
+        yield first, second
+
+
+@contextlib.asynccontextmanager
+async def _host_clients(hosts: tuple[Gunicorn, Gunicorn]
+                        ) -> AsyncIterator[tuple[openai.AsyncOpenAI, openai.AsyncOpenAI]]:
+    clients = [openai.AsyncOpenAI(base_url=f"{host.url}/v1", api_key=KEY, max_retries=0)
+               for host in hosts]
+    try:
+        yield clients[0], clients[1]
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_postgres_resume_on_the_other_host(two_hosts: tuple[Gunicorn, Gunicorn],
+                                                 pg_url: str) -> None:
+    first_host, _ = two_hosts
+    async with _host_clients(two_hosts) as (first, other):
+        stream = await first.responses.create(model="mock", input=" ".join(WORDS),
+                                              background=True, stream=True)
+        seen = []
+        async for event in stream:
+            seen.append(event)
+            if len(seen) == 10:
+                break
+        await stream.close()
+        assert await _pg_run_pid(pg_url, seen[0].response.id) in first_host.worker_pids
+        resumed = await other.responses.retrieve(seen[0].response.id, stream=True,
+                                                 starting_after=seen[-1].sequence_number)
+        rest = [event async for event in resumed]
+    numbers = [e.sequence_number for e in seen + rest]
+    assert numbers == list(range(len(numbers)))
+    assert rest[-1].type == "response.completed"
+    text = "".join(e.delta for e in seen + rest if e.type == "response.output_text.delta")
+    assert text == "You said: " + " ".join(WORDS) == rest[-1].response.output_text
+    for host in two_hosts:
+        _check_output(host)
+
+
+async def test_postgres_cancel_on_the_other_host(two_hosts: tuple[Gunicorn, Gunicorn],
+                                                 mock_process: str, pg_url: str) -> None:
+    first_host, _ = two_hosts
+    async with _host_clients(two_hosts) as (first, other):
+        created = await first.responses.create(model="mock", input=" ".join(WORDS),
+                                               background=True)
+        assert await _pg_run_pid(pg_url, created.id) in first_host.worker_pids
+        await _until_in_progress(other, created.id)
+        await asyncio.sleep(0.3)
+        asked = time.monotonic()
+        cancelled = await other.responses.cancel(created.id)
+        answered = time.monotonic()
+        assert cancelled.status == "cancelled" and cancelled.output_text
+        upstream = [r for r in await _mock_requests(mock_process) if r["finished_at"] is None]
+        assert len(upstream) == 1 and upstream[0]["disconnected_at"] is not None, upstream
+        closed = upstream[0]["disconnected_at"]
+        assert asked <= closed <= answered
+        print(f"\nPostgreSQL, cancel on the other host: upstream closed "
+              f"{1000 * (closed - asked):.1f} ms after the request; answered after "
+              f"{1000 * (answered - asked):.1f} ms")
+        events = [e async for e in await first.responses.retrieve(created.id, stream=True)]
+        assert events[-1].type == "response.failed"
+        assert events[-1].response.status == "cancelled"
+    for host in two_hosts:
+        _check_output(host)
+
+
+async def test_postgres_host_loss_fails_its_responses(two_hosts: tuple[Gunicorn, Gunicorn],
+                                                      pg_url: str) -> None:
+    """The worker of one host is SIGKILLed: the other host ends its response `failed`."""
+    first_host, _ = two_hosts
+    async with _host_clients(two_hosts) as (first, other):
+        created = await first.responses.create(model="mock", input=" ".join(WORDS),
+                                               background=True)
+        pid = await _pg_run_pid(pg_url, created.id)
+        assert pid in first_host.worker_pids
+        await _until_in_progress(other, created.id)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while True:
+            got = await other.responses.retrieve(created.id)
+            if got.status != "in_progress":
+                break
+            assert time.monotonic() - killed < 4 * LEASE, got.status
+            await asyncio.sleep(0.05)
+        assert got.status == "failed" and got.error is not None
+        assert got.error.code == "worker_lost"  # type: ignore[comparison-overlap]
