@@ -30,7 +30,7 @@ from orp_proxy.protocol.translate import (
 from orp_proxy.protocol.truncation import drop_older_turns
 from orp_proxy.routing import BuildChat, RouteHints, model_not_found
 from orp_proxy.state import Gateway
-from orp_proxy.store import StoredResponse
+from orp_proxy.store import StoredResponse, StoreUnavailable
 
 log = logging.getLogger("orp.pipeline")
 
@@ -178,6 +178,9 @@ class PreparedExchange:
         if self.dropped:
             log.info("request %s: hosted tools dropped: %s", request_id,
                      ", ".join(self.dropped))
+        if self.persist is not None and self.persist.store.known_unavailable():
+            # The response could not be saved: refuse before the upstream spends tokens on it.
+            raise StoreUnavailable("the database was unreachable a moment ago")
         build = self.build
         while True:
             try:

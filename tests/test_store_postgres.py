@@ -26,6 +26,7 @@ from orp_proxy.store import StoreUnavailable
 from orp_proxy.store import postgres as pg_module
 from orp_proxy.store.factory import open_store
 from orp_proxy.store.postgres import SCHEMA_VERSION, PostgresStore
+from orp_proxy.upstream.mock import MockUpstream
 from scripts import procs
 from tests import pg
 from tests.conftest import Proxy
@@ -316,7 +317,11 @@ async def test_database_down_fails_fast_and_recovers_by_itself(own_cluster: pg.C
 
 
 async def test_the_gateway_while_the_database_is_away(
-        own_cluster: pg.Cluster, start_proxy: Any, settings: Settings) -> None:
+        own_cluster: pg.Cluster, start_proxy: Any, settings: Settings, mock: MockUpstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fail-fast period lasts until the readiness probe finds the database again, so that
+    # what happens inside it does not depend on the machine's speed.
+    monkeypatch.setattr(pg_module, "_DOWN_SECONDS", 600.0)
     proxy: Proxy = await start_proxy(dataclasses.replace(settings, store_url=own_cluster.url()))
     url = proxy.server.make_url
 
@@ -333,17 +338,24 @@ async def test_the_gateway_while_the_database_is_away(
         assert status == 503, raw
         assert json.loads(raw)["error"]["code"] == "store_unavailable"
 
-    unavailable(*await post({"model": "mock", "input": "x", "previous_response_id": first}))
-    unavailable(*await post({"model": "mock", "input": "x"}))  # could not be saved
-    for path in (f"/v1/responses/{first}", f"/v1/responses/{first}/input_items"):
-        async with proxy.session.get(url(path)) as resp:
-            unavailable(resp.status, await resp.read())
+    # Not yet known to be away: the answer streams, but it cannot be saved, so it ends failed.
     status, _, raw = await proxy.post({"model": "mock", "input": "x", "stream": True})
     assert status == 200
     terminal = [line for line in raw.decode().splitlines() if line.startswith("data: {")][-1]
     event = json.loads(terminal[6:])
     assert event["type"] == "response.failed"
     assert event["response"]["error"]["code"] == "store_unavailable"
+    # Known to be away now: whatever needs the store is refused at once, before the upstream.
+    upstream_calls = len(mock.requests)
+    unavailable(*await post({"model": "mock", "input": "x", "previous_response_id": first}))
+    unavailable(*await post({"model": "mock", "input": "x"}))
+    status, headers, raw = await proxy.post({"model": "mock", "input": "x", "stream": True})
+    unavailable(status, raw)
+    assert headers["Retry-After"] == "1"
+    for path in (f"/v1/responses/{first}", f"/v1/responses/{first}/input_items"):
+        async with proxy.session.get(url(path)) as resp:
+            unavailable(resp.status, await resp.read())
+    assert len(mock.requests) == upstream_calls
     # store: false needs no store.
     status, raw = await post({"model": "mock", "input": "x", "store": False})
     assert status == 200

@@ -190,6 +190,9 @@ class TimedStore:
     def owner_id(self, credential: str | None) -> str:
         return self.inner.owner_id(credential)
 
+    def known_unavailable(self) -> bool:
+        return self.inner.known_unavailable()
+
     # -- background runs (untimed: the event log is written per batch, not per request) -----
 
     @property

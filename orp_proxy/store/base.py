@@ -149,6 +149,11 @@ class ResponseStore(Protocol):
         """The opaque owner of requests made with `credential` (None: anonymous)."""
         ...
 
+    def known_unavailable(self) -> bool:
+        """True for a moment after the store was found unreachable: a request that would
+        have to save is refused at once (503) rather than after the upstream answered."""
+        ...
+
     async def close(self) -> None:
         """Finish pending writes and release the database."""
         ...

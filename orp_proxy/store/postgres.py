@@ -419,6 +419,10 @@ class PostgresStore:
 
     # -- public API --------------------------------------------------------------------------
 
+    def known_unavailable(self) -> bool:
+        """Within `_DOWN_SECONDS` of a failed connect (then the next request tries again)."""
+        return time.monotonic() < self._down_until
+
     def owner_id(self, credential: str | None) -> str:
         """HMAC-SHA256 (hex) of the credential under the store's key; None means anonymous."""
         message = (credential or "").encode("utf-8", "surrogatepass")

@@ -400,6 +400,10 @@ class SQLiteStore:
 
     # -- public API --------------------------------------------------------------------------
 
+    def known_unavailable(self) -> bool:
+        """Never: a local file is there or the worker would not have started."""
+        return False
+
     def owner_id(self, credential: str | None) -> str:
         """HMAC-SHA256 (hex) of the credential under the store's key; None means anonymous."""
         message = (credential or "").encode("utf-8", "surrogatepass")
