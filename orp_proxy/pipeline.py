@@ -102,7 +102,9 @@ async def warm_up(gateway: Gateway, body: dict[str, Any], *, owner: str,
     check_outputs_answer_calls(history, new_items)
     # Bad sealed blobs fail now, as they would on a generating turn.
     replay_sealed(gateway.compaction, owner, history, new_items)
-    transcoder = Transcoder(build_response(body, model=model))
+    transcoder = Transcoder(build_response(
+        body, model=model,
+        verbosity_applied="verbosity" in gateway.settings.forward_fields))
     transcoder.start()
     transcoder.response["usage"] = usage_from_chat({})
     transcoder.finish()
@@ -230,7 +232,8 @@ async def prepare_exchange(gateway: Gateway, body: dict[str, Any], *, owner: str
     # Calls past the limit are left out (the first ones to arrive are kept).
     limit = 1 if body.get("parallel_tool_calls") is False else body.get("max_tool_calls")
     transcoder = Transcoder(
-        build_response(body, model=model),
+        build_response(body, model=model,
+                       verbosity_applied="verbosity" in settings.forward_fields),
         tools=tools,
         allowed_tools=tools.allowed(body.get("tool_choice")),
         undeclared_tools=settings.undeclared_tools,

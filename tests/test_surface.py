@@ -10,10 +10,12 @@ table must say the same.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import json
 import re
 import types
 import typing
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import pytest
 import typing_extensions
 from openai.types.responses import response_create_params, responses_client_event_param
 
+from orp_proxy.config import Settings
 from orp_proxy.errors import ApiError
 from orp_proxy.protocol.validation import validate_create_body
 from orp_proxy.upstream.mock import MockUpstream, Scenario, text_chunks, usage_dict
@@ -299,6 +302,23 @@ async def test_forwarded_fields_reach_the_upstream(proxy: Proxy, mock: MockUpstr
     # Asked for flex, the upstream reported no tier: the echo says what is known.
     assert response["service_tier"] == "default"
     assert response["prompt_cache_key"] == "thread-1"
+
+
+async def test_verbosity_not_forwarded_is_not_echoed(
+        start_proxy: Callable[[Settings], Awaitable[Proxy]], settings: Settings,
+        mock: MockUpstream) -> None:
+    """ORP_UPSTREAM_FORWARD without verbosity: the echo does not claim a verbosity."""
+    proxy = await start_proxy(dataclasses.replace(
+        settings, forward_fields=frozenset({"user"})))
+    status, _, data = await proxy.post({"model": "m", "input": "hi",
+                                        "text": {"verbosity": "low"}})
+    assert status == 200, data
+    assert "verbosity" not in mock.requests[0].body
+    assert "verbosity" not in json.loads(data)["text"]
+    # Forwarded (the default), it is echoed.
+    status, _, data = await (await start_proxy(settings)).post(
+        {"model": "m", "input": "hi", "text": {"verbosity": "low"}})
+    assert json.loads(data)["text"]["verbosity"] == "low"
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -46,7 +46,7 @@ def _tool_choice_echo(choice: Any) -> Any:
     return dict(choice)
 
 
-def _text_echo(text: Any) -> dict[str, Any]:
+def _text_echo(text: Any, *, verbosity_applied: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"format": {"type": "text"}}
     if not isinstance(text, dict):
         return out
@@ -61,7 +61,7 @@ def _text_echo(text: Any) -> dict[str, Any]:
         }
     elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
         out["format"] = {"type": "json_object"}
-    if text.get("verbosity") is not None:
+    if verbosity_applied and text.get("verbosity") is not None:
         out["verbosity"] = text["verbosity"]
     return out
 
@@ -76,10 +76,13 @@ def build_response(
     model: str,
     response_id: str | None = None,
     created_at: int | None = None,
+    verbosity_applied: bool = True,
 ) -> dict[str, Any]:
     """The in-progress response object for a validated request body.
 
     `model` is the name the client asked for (aliases are resolved only on the way upstream).
+    `verbosity_applied`: whether `text.verbosity` goes upstream; the echo never claims a
+    setting that was not passed on.
     """
     reasoning = body.get("reasoning")
     return {
@@ -98,7 +101,7 @@ def build_response(
         "tool_choice": _tool_choice_echo(body.get("tool_choice")),
         "truncation": body.get("truncation") or "disabled",
         "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
-        "text": _text_echo(body.get("text")),
+        "text": _text_echo(body.get("text"), verbosity_applied=verbosity_applied),
         "top_p": _number(body.get("top_p"), 1.0),
         "presence_penalty": _number(body.get("presence_penalty"), 0.0),
         "frequency_penalty": _number(body.get("frequency_penalty"), 0.0),
