@@ -44,7 +44,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -61,6 +61,7 @@ from orp_proxy.store.base import (
     StoredEvent,
     StoredResponse,
 )
+from orp_proxy.store.encoding import dumps, item_id, loads_list
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -227,24 +228,6 @@ WITH RECURSIVE doomed (rid, parent, owner) AS (
 )
 DELETE FROM responses WHERE rid IN (SELECT rid FROM doomed) RETURNING rid
 """
-
-
-def _dumps(obj: Any) -> str:
-    text: str = ujson.dumps(obj, ensure_ascii=False, escape_forward_slashes=False)
-    if not text.isascii():
-        # A lone surrogate (valid in a Python str, and in JSON as an escape) cannot be encoded
-        # as UTF-8 for SQLite; the ASCII form escapes it and loads back identically.
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            text = ujson.dumps(obj, ensure_ascii=True, escape_forward_slashes=False)
-    return text
-
-
-def _loads_list(bodies: Iterable[str]) -> list[dict[str, Any]]:
-    # One parse of the joined array is much faster than one ujson.loads call per item.
-    items: list[dict[str, Any]] = ujson.loads("[" + ",".join(bodies) + "]")
-    return items
 
 
 class SQLiteStore:
@@ -477,7 +460,7 @@ class SQLiteStore:
         rows = await self._read(_LINEAGE_SQL, (response_id, owner, _MAX_LINEAGE_DEPTH, time.time()))
         if not rows:
             return None
-        return _loads_list(body for (body,) in rows if body is not None)
+        return loads_list(body for (body,) in rows if body is not None)
 
     async def get_response(self, owner: str, response_id: str) -> dict[str, Any] | None:
         """The ResponseResource as it was sent to the client, or None (unknown or expired)."""
@@ -487,7 +470,7 @@ class SQLiteStore:
         response: dict[str, Any] = ujson.loads(rows[0][0])
         if "output" in response:
             # Same key position as when saved: the placeholder is replaced in place.
-            response["output"] = _loads_list(body for _, body in rows if body is not None)
+            response["output"] = loads_list(body for _, body in rows if body is not None)
         return response
 
     async def delete_response(self, owner: str, response_id: str) -> bool:
@@ -554,7 +537,7 @@ class SQLiteStore:
         bodies = [body for (body,) in rows[:limit]]
         if toward_start:
             bodies.reverse()
-        return InputItemsPage(data=_loads_list(bodies), has_more=has_more)
+        return InputItemsPage(data=loads_list(bodies), has_more=has_more)
 
     async def get_items(self, owner: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Resolve `item_reference`s: input/output items of this owner's live responses by id.
@@ -575,8 +558,8 @@ class SQLiteStore:
                 "AND (r.expires_at IS NULL OR r.expires_at > ?) ORDER BY i.rid",
                 (*chunk, owner, now),
             )
-            for item_id, body in rows:
-                found[item_id] = ujson.loads(body)
+            for found_id, body in rows:
+                found[found_id] = ujson.loads(body)
         return found
 
     async def purge_expired(self, now: float | None = None) -> int:
@@ -952,7 +935,7 @@ def _encode_record(record: StoredResponse
     rows = [(_INPUT, seq, item) for seq, item in enumerate(record.input_items)] + [
         (_OUTPUT, seq, item) for seq, item in enumerate(output)
     ]
-    encoded = [(kind, seq, _item_id(item), _dumps(item)) for kind, seq, item in rows]
+    encoded = [(kind, seq, item_id(item), dumps(item)) for kind, seq, item in rows]
     params = (
         record.id,
         record.owner,
@@ -960,7 +943,7 @@ def _encode_record(record: StoredResponse
         int(record.created_at),
         record.status,
         record.expires_at,
-        _dumps(response),
+        dumps(response),
     )
     return params, encoded
 
@@ -1057,11 +1040,6 @@ async def _migrate(db: aiosqlite.Connection, *, create_key: bool) -> bytes | Non
             await db.execute_fetchall("ROLLBACK")
         raise
     return key
-
-
-def _item_id(item: dict[str, Any]) -> str | None:
-    value = item.get("id")
-    return value if isinstance(value, str) else None
 
 
 def _file_size(path: str) -> int:
