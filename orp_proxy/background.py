@@ -53,12 +53,20 @@ from orp_proxy.protocol.sse import dumps
 from orp_proxy.protocol.transcoder import TERMINAL_TYPES, Event
 from orp_proxy.state import GATEWAY, Gateway
 from orp_proxy.store import StoredResponse
-from orp_proxy.store.base import BackgroundStore, EventBatch, RunInfo, StoredEvent
+from orp_proxy.store.base import (
+    BackgroundStore,
+    EventBatch,
+    RunInfo,
+    StoredEvent,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("orp.background")
 
 # Seconds between event-log writes of one worker (all its runs in one transaction).
 FLUSH_INTERVAL = 0.02
+# Attempts at a batch of events that fails for another reason than the store being away.
+FLUSH_ATTEMPTS = 5
 # Seconds between saves of a running response's object (status, output so far).
 PROGRESS_INTERVAL = 1.0
 # With notifications, a follower still looks at the log this often (a lost notice, or a pooler
@@ -366,14 +374,26 @@ class BackgroundRuns:
         if not batches:
             return
         delay = 0.05
+        failures = 0
         while True:
             try:
                 refused = set(await self.store.append_events([b for _, _, b in batches]))
                 break
+            except StoreUnavailable:
+                # The database is away: the log waits for it (appends are idempotent, so a
+                # batch whose commit reply was lost can be written again).
+                log.warning("background events wait for the store to come back")
             except Exception:
-                log.exception("writing background events failed; retrying")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                failures += 1
+                log.exception("writing background events failed (attempt %d of %d)",
+                              failures, FLUSH_ATTEMPTS)
+                if failures >= FLUSH_ATTEMPTS:
+                    # Not a passing outage: stop these runs rather than stall every run of
+                    # this worker behind a batch that can never be written.
+                    refused = {b.response_id for _, _, b in batches}
+                    break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
         for run, end, batch in batches:
             run.flushed = end
             if batch.keep_until is not None or run.response_id in refused:

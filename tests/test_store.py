@@ -23,6 +23,7 @@ import pytest
 from orp_proxy.config import Settings
 from orp_proxy.store import postgres as pg_module
 from orp_proxy.store import sqlite as store_module
+from orp_proxy.store.base import EventBatch, StoredEvent
 from orp_proxy.store.factory import open_store
 from orp_proxy.store.postgres import PostgresStore
 from orp_proxy.store.sqlite import SCHEMA_VERSION, ResponseStore, SQLiteStore, StoredResponse
@@ -1000,3 +1001,16 @@ async def test_reads_do_not_wait_behind_a_write_waiting_for_the_lock(
         await asyncio.to_thread(blocker.join, 10)
     await save
     assert await store.get_response(OWNER, "resp_3") is not None
+
+
+async def test_an_event_batch_written_twice_changes_nothing(store: Any) -> None:
+    """A batch appended again (its commit's reply was lost, so the writer retries) neither
+    fails nor duplicates: a failure here would stall every background run of the worker."""
+    queued = record("resp_bg", "owner-1", outputs=[])
+    queued.status = queued.response["status"] = "queued"
+    await store.start_run(queued, [StoredEvent(0, '{"n": 0}')], worker="w1",
+                          lease_until=time.time() + 60)
+    batch = EventBatch("resp_bg", "w1", [StoredEvent(1, '{"n": 1}'), StoredEvent(2, '{"n": 2}')])
+    assert await store.append_events([batch]) == []
+    assert await store.append_events([batch]) == []
+    assert [e.seq for e in await store.read_events("resp_bg", -1)] == [0, 1, 2]

@@ -893,7 +893,9 @@ async def _insert_events(con: Any, response_id: str, events: Sequence[StoredEven
     if events:
         await con.execute(
             "INSERT INTO events (response_id, seq, body) "
-            "SELECT $1, x.seq, x.body FROM unnest($2::int[], $3::text[]) AS x (seq, body)",
+            "SELECT $1, x.seq, x.body FROM unnest($2::int[], $3::text[]) AS x (seq, body) "
+            # A batch written again (its commit's reply was lost) changes nothing.
+            "ON CONFLICT (response_id, seq) DO NOTHING",
             response_id, [e.seq for e in events], [e.body for e in events])
 
 

@@ -957,7 +957,9 @@ def _upsert_record(params: tuple[Any, ...], items: list[tuple[int, int, str | No
 
 
 def _insert_events(rows: list[tuple[str, int, str]], conn: sqlite3.Connection) -> None:
-    conn.executemany("INSERT INTO events (response_id, seq, body) VALUES (?, ?, ?)", rows)
+    # OR IGNORE: a batch written again (after an error whose commit did happen) changes nothing.
+    conn.executemany("INSERT OR IGNORE INTO events (response_id, seq, body) VALUES (?, ?, ?)",
+                     rows)
 
 
 def _append_batches(batches: list[EventBatch], conn: sqlite3.Connection) -> list[str]:
