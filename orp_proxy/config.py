@@ -215,6 +215,8 @@ def redacted_store_url(url: str) -> str:
     query = "&".join(
         f"{key}=<redacted>" if key.lower() in _PASSWORD_PARAMS else f"{key}{eq}{value}"
         for key, eq, value in (pair.partition("=") for pair in parts.query.split("&") if pair))
+    if not parts.netloc:  # `postgresql:///db?host=/run/postgresql`: keep the empty host
+        return f"{parts.scheme}://{parts.path}{'?' if query else ''}{query}"
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 

@@ -186,6 +186,21 @@ def test_a_bad_db_path_is_one_line_naming_it(tmp_path: Path, where: str, reason:
     assert done.returncode == 2 and done.stderr.strip() == line
 
 
+def test_an_unusable_store_url_is_one_line_without_its_password(tmp_path: Path) -> None:
+    """A PostgreSQL URL asyncpg refuses (here a bad sslmode) is a settings error: one line,
+    the password redacted, no traceback."""
+    env = {**procs.clean_env(tmp_path),
+           "ORP_STORE_URL": "postgresql://u@127.0.0.1:1/db?sslmode=bogus&password=SEKRIT"}
+    done = subprocess.run([sys.executable, "-m", "orp_proxy.cli", "store", "status"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "SEKRIT" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("orp-proxy: ORP_STORE_URL=postgresql://u@127.0.0.1:1/db?"
+                           "sslmode=bogus&password=<redacted>: ")
+    assert "sslmode" in last.partition(": ")[2]
+
+
 def test_store_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = str(tmp_path / "s.sqlite3")
     for action in ("stats", "purge", "vacuum"):

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from orp_proxy.config import ConfigError, Settings, load_settings, redacted_url
+from orp_proxy.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    redacted_store_url,
+    redacted_url,
+)
 from orp_proxy.ops.auth import load_api_keys
 
 
@@ -142,3 +148,14 @@ def test_unknown_variables_are_named_with_a_suggestion() -> None:
         "unknown setting ORP_UPSTRAEM_URL is ignored; did you mean ORP_UPSTREAM_URL?",
         "unknown setting ORP_ZZZ is ignored; see orp-proxy --help",
     ]
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://u:pw@db.example:5432/orp", "postgresql://u:<redacted>@db.example:5432/orp"),
+    # A Unix-socket URL has an empty host part: it must still read as the URL configured.
+    ("postgresql:///orp?host=/run/postgresql&password=pw&user=u",
+     "postgresql:///orp?host=/run/postgresql&password=<redacted>&user=u"),
+    ("sqlite:///var/lib/orp/orp.sqlite3", "sqlite:///var/lib/orp/orp.sqlite3"),
+])
+def test_store_urls_are_shown_with_the_password_redacted(url: str, shown: str) -> None:
+    assert redacted_store_url(url) == shown

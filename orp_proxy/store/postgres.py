@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import asyncpg
 import ujson
 
+from orp_proxy.config import ConfigError, redacted_store_url
 from orp_proxy.store.base import (
     EventBatch,
     InputItemsPage,
@@ -316,7 +317,7 @@ class PostgresStore:
         except Exception as exc:
             if is_unavailable(exc):
                 raise StoreUnavailable(f"cannot connect to {shown_url}: {exc}") from exc
-            raise
+            raise _as_config_error(exc, shown_url) from exc
         try:
             async with pool.acquire() as con:
                 if migrate:
@@ -332,6 +333,8 @@ class PostgresStore:
             pool.terminate()
             if isinstance(exc, Exception) and is_unavailable(exc):
                 raise StoreUnavailable(f"cannot connect to {shown_url}: {exc}") from exc
+            if isinstance(exc, Exception):
+                raise _as_config_error(exc, shown_url) from exc
             raise
         chosen = owner_secret if owner_secret is not None else key
         if chosen is None:
@@ -972,7 +975,15 @@ async def connect(dsn: str, *, password: str | None = None, connect_timeout: flo
     except Exception as exc:
         if is_unavailable(exc):
             raise StoreUnavailable(f"cannot connect: {exc}") from exc
-        raise
+        raise _as_config_error(exc, redacted_store_url(dsn)) from exc
+
+
+def _as_config_error(exc: Exception, shown_url: str) -> Exception:
+    """A URL asyncpg cannot use (a bad `sslmode`, port, parameter) as the one-line settings
+    error it is; anything else unchanged."""
+    if isinstance(exc, (asyncpg.ClientConfigurationError, ValueError, TypeError)):
+        return ConfigError(f"ORP_STORE_URL={shown_url}: {exc}")
+    return exc
 
 
 async def schema_status(dsn: str, *, password: str | None = None,
