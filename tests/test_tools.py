@@ -90,10 +90,12 @@ def test_decoder_character_by_character_with_every_escape() -> None:
     assert stream.done and not stream.gave_up
 
 
-@pytest.mark.parametrize("args", ['{"n": 1}', '["x"]', 'plain text', '{"a": "\\x"}'])
+@pytest.mark.parametrize("args", ['{"n": 1}', '["x"]', 'plain text', '{"a": "\\x"}',
+                                  '{"reason": "thinking", "input": "ls"}', '{"inputs": "x"}',
+                                  '{"in\\u0070ut": "x"}'])
 def test_decoder_gives_up_on_other_shapes(args: str) -> None:
     stream = JsonStringStream()
-    stream.feed(args)
+    assert stream.feed(args) == ""
     assert not stream.done
 
 
@@ -291,6 +293,18 @@ def test_custom_call_with_raw_arguments_still_adds_up() -> None:
     assert output_of(events)[0]["input"] == "*** Begin Patch"
     deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
     assert "".join(deltas) == "*** Begin Patch"
+
+
+def test_custom_call_input_is_the_input_member_not_the_first_string() -> None:
+    """A model that writes another member first: the client gets `input`, streamed and final
+    (it is what the client runs)."""
+    args = json.dumps({"reason": "thinking", "input": "ls -la"})
+    _, events = transcode(tool_call_chunks([("c", "apply_patch", args)], split_args=1))
+    assert output_of(events)[0]["input"] == "ls -la"
+    deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
+    assert "".join(deltas) == "ls -la"
+    (done,) = [e for e in events if e["type"] == "response.custom_tool_call_input.done"]
+    assert done["input"] == "ls -la"
 
 
 def test_custom_call_cut_short_keeps_the_text_streamed() -> None:

@@ -507,19 +507,24 @@ _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r"
 _plain_run = re.compile(r'[^"\\]+')
 
 
+_INPUT_KEY = "input"
+
+
 class JsonStringStream:
     """Decodes, as the pieces of a JSON object's text arrive, the value of its first member
-    when that value is a string: `{"input": "a\\nb` yields `a`, `\n`, `b` as they come.
+    when that member is `input` and its value a string: `{"input": "a\\nb` yields `a`, `\n`,
+    `b` as they come.
 
-    Escapes split across pieces are held until complete. Anything else (another shape, bad
-    JSON) stops the decoding (`gave_up`); the caller then takes the value from the whole
-    arguments at the end (`custom_input`).
+    Escapes split across pieces are held until complete. Anything else (another first key,
+    another shape, bad JSON) stops the decoding (`gave_up`); the caller then takes the value
+    from the whole arguments at the end (`custom_input`), which looks for `input` anywhere.
     """
 
-    __slots__ = ("_pending", "_state", "done", "gave_up")
+    __slots__ = ("_key", "_pending", "_state", "done", "gave_up")
 
     def __init__(self) -> None:
         self._state = _SEEK_OBJECT
+        self._key = ""
         self._pending = ""
         self.done = False  # the closing quote was seen: everything decoded is the value
         self.gave_up = False
@@ -557,14 +562,18 @@ class JsonStringStream:
                 i = run.end()
                 continue
             if state == _IN_KEY:
-                if c == "\\":
-                    if i + 1 >= end:
-                        self._pending = text[i:]
-                        break
-                    i += 2
-                    continue
+                # Only an `input` member is the custom tool's text: streaming another string
+                # (`{"reason": "…", "input": "…"}`) would hand the client the wrong input.
                 if c == '"':
+                    if self._key != _INPUT_KEY:
+                        state = _GAVE_UP
+                        break
                     state = _SEEK_COLON
+                elif c == "\\" or len(self._key) >= len(_INPUT_KEY):
+                    state = _GAVE_UP
+                    break
+                else:
+                    self._key += c
                 i += 1
                 continue
             if c not in _WHITESPACE:
