@@ -265,8 +265,8 @@ async def test_no_first_byte_is_504(start_proxy: StartProxy, settings: Settings,
 # -- upstream failures after the stream started --------------------------------------------
 
 
-async def failed_stream(proxy: Proxy) -> tuple[list[dict[str, Any]], str]:
-    events, done = await proxy.stream({"model": "m", "input": "x"})
+async def failed_stream(proxy: Proxy, **fields: Any) -> tuple[list[dict[str, Any]], str]:
+    events, done = await proxy.stream({"model": "m", "input": "x", **fields})
     assert done
     assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
     response = events[-1]["response"]
@@ -378,18 +378,22 @@ async def test_client_disconnect_closes_upstream(proxy: Proxy, mock: MockUpstrea
     b'data: {"choices": [{"delta": {"content": ["a"]}}]}\n\n',
     b'data: {"choices": [], "usage": [1]}\n\n',
     b'data: {"choices": [{"delta": {"tool_calls": ["x"]}}]}\n\n',
+    b'data: {"choices": [{"delta": {"content": "b"}, "logprobs": [{"token": "b"}]}]}\n\n',
 ])
 async def test_malformed_chunk_shapes_fail_cleanly(proxy: Proxy, mock: MockUpstream,
                                                    bad: bytes) -> None:
     head = encode_sse(text_chunks(["a"], finish_reason=None), send_done=False)
     mock.enqueue(Scenario(raw=head + bad + b"data: [DONE]\n\n"),
                  Scenario(raw=head + bad + b"data: [DONE]\n\n"))
-    events, code = await failed_stream(proxy)  # well-formed ending, not a cut stream
+    # Logprobs asked for, so that a malformed `logprobs` is read, not ignored.
+    events, code = await failed_stream(
+        proxy, include=["message.output_text.logprobs"])  # a well-formed ending, not a cut
     assert code == "upstream_bad_response"
     stored = await proxy.session.get(
         proxy.server.make_url(f"/v1/responses/{events[-1]['response']['id']}"))
     assert (await stored.json())["status"] == "failed"
-    status, _, data = await proxy.post({"model": "m", "input": "x"})
+    status, _, data = await proxy.post({"model": "m", "input": "x",
+                                        "include": ["message.output_text.logprobs"]})
     assert (status, error_of(status, data)["code"]) == (502, "upstream_bad_response")
 
 

@@ -297,6 +297,15 @@ def test_logprobs_pass_through_when_included() -> None:
     assert tc.response["output"][0]["content"][0]["logprobs"] == [token]
 
 
+@pytest.mark.parametrize("logprobs", [[{"token": "hi"}], {"content": "abc"}, {"content": [1]}])
+def test_malformed_logprobs_are_the_upstreams_fault(logprobs: Any) -> None:
+    """A ValueError (the pump's upstream_bad_response), never a crash or characters as tokens."""
+    tc = make(include_logprobs=True)
+    tc.start()
+    with pytest.raises(ValueError, match="logprobs"):
+        tc.feed({"choices": [{"delta": {"content": "hi"}, "logprobs": logprobs}]})
+
+
 def test_empty_and_role_only_chunks_open_nothing() -> None:
     events = run([{"choices": [{"delta": {"role": "assistant", "content": ""}}]},
                   {"choices": [{"delta": {}, "finish_reason": "stop"}]}])

@@ -548,7 +548,13 @@ class Transcoder:
             return
         tokens: list[Any] = []
         if self._logprobs and logprobs:
+            # Checked: a malformed upstream value is the upstream's fault (a ValueError becomes
+            # upstream_bad_response), not a crash of ours, nor characters passed off as tokens.
+            if type(logprobs) is not dict:
+                raise ValueError("'logprobs' is not an object")
             tokens = logprobs.get("content") or []
+            if type(tokens) is not list or not all(type(t) is dict for t in tokens):
+                raise ValueError("'logprobs.content' is not a list of objects")
             part.part["logprobs"].extend(tokens)
         self._emit(
             {
