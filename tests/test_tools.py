@@ -420,7 +420,9 @@ def test_response_echoes_tools_as_declared() -> None:
             "tool_choice": {"type": "custom", "name": "apply_patch"}}
     validate_create_body(body)
     response = build_response(body, model="m")
-    assert [t["type"] for t in response["tools"]] == [t["type"] for t in ALL_TOOLS]
+    # Every tool the model could use, as declared; not the hosted one ORP drops (mcp).
+    assert [t["type"] for t in response["tools"]] == [
+        t["type"] for t in ALL_TOOLS if t["type"] not in ("web_search", "mcp")]
     assert response["tools"][1] == APPLY_PATCH and response["tools"][2] == AGENTS
     assert response["tools"][0]["parameters"] == EXEC["parameters"]
     assert response["tool_choice"] == {"type": "custom", "name": "apply_patch"}
@@ -483,8 +485,10 @@ async def test_dropped_hosted_tools_are_named_in_a_header(proxy: Proxy, mock: Mo
                                                           ) -> None:
     mock.enqueue(Scenario(chunks=text_chunks(["ok"])), Scenario(chunks=text_chunks(["ok"])))
     body = {"model": "m", "input": "x", "tools": ALL_TOOLS}
-    status, headers, _ = await proxy.post(body)
+    status, headers, data = await proxy.post(body)
     assert status == 200 and headers["X-ORP-Dropped-Tools"] == "web_search, mcp:crm"
+    # The echo does not claim the dropped tools were there.
+    assert {t["type"] for t in json.loads(data)["tools"]}.isdisjoint({"web_search", "mcp"})
     status, headers, _ = await proxy.post({**body, "stream": True})
     assert status == 200 and headers["X-ORP-Dropped-Tools"] == "web_search, mcp:crm"
     sent = [t["function"]["name"] for t in mock.requests[0].body["tools"]]

@@ -11,6 +11,8 @@ import time
 import uuid
 from typing import Any
 
+from orp_proxy.protocol.tools import is_hosted
+
 
 def new_id(prefix: str) -> str:
     """`resp_…`, `msg_…`, `fc_…`, `rs_…`: a prefix and 32 random hex digits."""
@@ -18,8 +20,8 @@ def new_id(prefix: str) -> str:
 
 
 def _tool_echo(tool: dict[str, Any]) -> dict[str, Any]:
-    """A declared tool as the response echoes it: as declared (hosted tools ORP drops too; the
-    `X-ORP-Dropped-Tools` header names those), functions with every key of the spec's form."""
+    """A declared tool as the response echoes it: as declared, functions with every key of the
+    spec's form."""
     if tool.get("type") != "function":
         return dict(tool)
     return {
@@ -97,7 +99,9 @@ def build_response(
         "instructions": body.get("instructions"),
         "output": [],
         "error": None,
-        "tools": [_tool_echo(t) for t in body.get("tools") or ()],
+        # Hosted tools ORP dropped are not echoed: the model never had them (the
+        # X-ORP-Dropped-Tools header and the log name them).
+        "tools": [_tool_echo(t) for t in body.get("tools") or () if not is_hosted(t)],
         "tool_choice": _tool_choice_echo(body.get("tool_choice")),
         "truncation": body.get("truncation") or "disabled",
         "parallel_tool_calls": body.get("parallel_tool_calls") is not False,

@@ -219,7 +219,7 @@ class ToolSet:
         taken: set[str] = set()
         for path, tool in declared:
             kind = tool.get("type")
-            if _is_hosted(tool):
+            if is_hosted(tool):
                 if hosted == "refuse" and path:
                     raise ApiError(
                         400, f"The tool '{path}' of type {kind!r} runs on OpenAI's servers, "
@@ -336,7 +336,8 @@ class ToolSet:
         return {"type": "function", "function": {"name": targets[0]}}
 
 
-def _is_hosted(tool: Mapping[str, Any]) -> bool:
+def is_hosted(tool: Mapping[str, Any]) -> bool:
+    """Whether the tool runs on OpenAI's servers (which a Chat Completions backend cannot do)."""
     kind = tool.get("type")
     if kind in HOSTED_TYPES:
         return True
