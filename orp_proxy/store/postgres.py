@@ -433,22 +433,8 @@ class PostgresStore:
 
     async def save_response(self, record: StoredResponse) -> None:
         """Insert or replace `record` with its input and output items, atomically."""
-        response = dict(record.response)
-        output = response.get("output")
-        if output is None:
-            output = []
-        elif not isinstance(output, list):
-            raise TypeError("response['output'] must be a list of items")
-        if "output" in response:
-            response["output"] = []
-        items = [(_INPUT, seq, item_id(item), dumps(item))
-                 for seq, item in enumerate(record.input_items)]
-        items += [(_OUTPUT, seq, item_id(item), dumps(item)) for seq, item in enumerate(output)]
-        params = (record.id, record.owner, record.previous_response_id, int(record.created_at),
-                  record.status, record.expires_at, dumps(response))
+        pending = self._pending_save(record)
         self._check_open()
-        pending = _PendingSave(record.id, params, items,
-                               asyncio.get_running_loop().create_future())
         self._pending.append(pending)
         if self._saver is None:
             self._saver = self._track(asyncio.get_running_loop().create_task(
@@ -859,9 +845,13 @@ class PostgresStore:
             found[0].set()
 
     def _pending_save(self, record: StoredResponse) -> _PendingSave:
-        """`record` encoded as `save_response` would (for writes in a transaction of ours)."""
+        """`record` encoded for the `responses` and `items` tables (every write of a record)."""
         response = dict(record.response)
-        output = response.get("output") or []
+        output = response.get("output")
+        if output is None:
+            output = []
+        elif not isinstance(output, list):
+            raise TypeError("response['output'] must be a list of items")
         if "output" in response:
             response["output"] = []
         items = [(_INPUT, seq, item_id(item), dumps(item))
