@@ -17,7 +17,7 @@ from orp_proxy.ops.keepalive import STREAMS
 from orp_proxy.pipeline import load_history, prepare_exchange
 from orp_proxy.protocol.sse import DONE_BLOCK, encode_events
 from orp_proxy.state import GATEWAY
-from orp_proxy.store.base import StoredEvent
+from orp_proxy.store.base import RunInfo, StoredEvent
 
 
 def _not_found(response_id: str) -> ApiError:
@@ -133,21 +133,31 @@ def wants_stream(request: web.Request) -> bool:
     return _stream_query(request)[0]
 
 
-async def stream_response(request: web.Request) -> web.StreamResponse:
-    """`GET /v1/responses/{id}?stream=true[&starting_after=N]`: the stored events after N (from
-    the first without N), then the live ones until the terminal event, from any worker."""
+async def _run_of(request: web.Request, response_id: str, not_background: ApiError
+                  ) -> tuple[str, BackgroundRuns, RunInfo]:
+    """The caller's owner id, the worker's runs and the run of `response_id`; 404 for an
+    unknown (or another owner's) response, `not_background` for one without a run."""
     gateway = request.app[GATEWAY]
-    response_id = request.match_info["response_id"]
-    _, after = _stream_query(request)
     owner = gateway.store.owner_id(credential(request))
     runs = request.app.get(BACKGROUND)
     info = await runs.store.get_run(owner, response_id) if runs is not None else None
     if info is None:
         if await gateway.store.get_response(owner, response_id) is None:
             raise _not_found(response_id)
-        raise invalid("Only background responses can be streamed again; this response was "
-                      "not created with 'background': true.", "stream", "invalid_value")
+        raise not_background
     assert runs is not None
+    return owner, runs, info
+
+
+async def stream_response(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/responses/{id}?stream=true[&starting_after=N]`: the stored events after N (from
+    the first without N), then the live ones until the terminal event, from any worker."""
+    response_id = request.match_info["response_id"]
+    _, after = _stream_query(request)
+    owner, runs, _ = await _run_of(
+        request, response_id, invalid(
+            "Only background responses can be streamed again; this response was not created "
+            "with 'background': true.", "stream", "invalid_value"))
     stream = _EventStream(request)
     return await stream.follow(runs, owner, response_id, -1 if after is None else after)
 
@@ -155,20 +165,13 @@ async def stream_response(request: web.Request) -> web.StreamResponse:
 async def cancel_response(request: web.Request) -> web.StreamResponse:
     """`POST /v1/responses/{id}/cancel`: stop a queued or running background response (any
     worker, any host); the response as it ended. A finished one is returned unchanged."""
-    gateway = request.app[GATEWAY]
     response_id = request.match_info["response_id"]
-    owner = gateway.store.owner_id(credential(request))
-    runs = request.app.get(BACKGROUND)
-    info = await runs.store.get_run(owner, response_id) if runs is not None else None
-    if info is None:
-        if await gateway.store.get_response(owner, response_id) is None:
-            raise _not_found(response_id)
-        raise invalid("Only responses created with 'background': true can be cancelled.",
-                      "response_id", "invalid_value")
-    assert runs is not None
+    owner, runs, info = await _run_of(request, response_id, invalid(
+        "Only responses created with 'background': true can be cancelled.", "response_id",
+        "invalid_value"))
     if not info.finished:
         await runs.cancel(info)
-    found = await gateway.store.get_response(owner, response_id)
+    found = await request.app[GATEWAY].store.get_response(owner, response_id)
     if found is None:
         raise _not_found(response_id)  # deleted meanwhile
     return json_response(found)
