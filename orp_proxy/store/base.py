@@ -87,6 +87,39 @@ class InputItemsPage:
     has_more: bool
 
 
+def check_page(limit: int, order: str) -> None:
+    """The `input_items` arguments every store accepts (ValueError otherwise)."""
+    if not 1 <= limit <= 100:
+        raise ValueError("limit must be between 1 and 100")
+    if order not in ("asc", "desc"):
+        raise ValueError("order must be 'asc' or 'desc'")
+
+
+@dataclass(frozen=True)
+class PageBounds:
+    """The rows of one `input_items` page: input items with `low < seq < high`, read
+    `ascending` (or not), the page `reverse`d after reading."""
+
+    low: int
+    high: int
+    ascending: bool
+    reverse: bool
+
+
+def page_bounds(order: str, after: str | None, before: str | None, after_seq: int | None,
+                before_seq: int | None, *, top: int) -> PageBounds | None:
+    """OpenAI's cursor rules for a page; `*_seq` are the cursors' positions (None when absent
+    or unknown), `top` is above every seq. None: a cursor names no item, the page is empty."""
+    if (after is not None and after_seq is None) or (before is not None and before_seq is None):
+        return None
+    # Exclusive bounds, whichever order the client reads in.
+    low, high = (after_seq, before_seq) if order == "asc" else (before_seq, after_seq)
+    # A before-only page is the `limit` items nearest the cursor, read away from it.
+    toward_start = before is not None and after is None
+    return PageBounds(-1 if low is None else low, top if high is None else high,
+                      (order == "asc") != toward_start, toward_start)
+
+
 class ResponseStore(Protocol):
     """What the HTTP handlers need from a response store (a server database could provide it)."""
 

@@ -45,6 +45,8 @@ from orp_proxy.store.base import (
     StoredEvent,
     StoredResponse,
     StoreUnavailable,
+    check_page,
+    page_bounds,
 )
 from orp_proxy.store.encoding import dumps, item_id, loads_list
 
@@ -545,11 +547,7 @@ class PostgresStore:
         before: str | None = None,
     ) -> InputItemsPage | None:
         """A page of the response's input items, OpenAI style (see `SQLiteStore`)."""
-        if not 1 <= limit <= 100:
-            raise ValueError("limit must be between 1 and 100")
-        if order not in ("asc", "desc"):
-            raise ValueError("order must be 'asc' or 'desc'")
-        toward_start = before is not None and after is None
+        check_page(limit, order)
         now = time.time()
 
         async def work(con: Any) -> InputItemsPage | None:
@@ -557,19 +555,16 @@ class PostgresStore:
             if not found:
                 return None
             rid, after_seq, before_seq = found[0]
-            if (after is not None and after_seq is None) or (
-                    before is not None and before_seq is None):
+            # `seq` is an int column: its largest value is above every seq.
+            page = page_bounds(order, after, before, after_seq, before_seq, top=2**31 - 1)
+            if page is None:
                 return InputItemsPage(data=[], has_more=False)
-            low, high = (after_seq, before_seq) if order == "asc" else (before_seq, after_seq)
-            low = -1 if low is None else low
-            high = 2**31 - 1 if high is None else high
-            ascending = (order == "asc") != toward_start
             rows = await con.fetch(
                 "SELECT body FROM items WHERE response_rid = $1 AND kind = 0 AND seq > $2 "
-                f"AND seq < $3 ORDER BY seq {'ASC' if ascending else 'DESC'} LIMIT $4",
-                rid, low, high, limit + 1)
+                f"AND seq < $3 ORDER BY seq {'ASC' if page.ascending else 'DESC'} LIMIT $4",
+                rid, page.low, page.high, limit + 1)
             bodies = [row[0] for row in rows[:limit]]
-            if toward_start:
+            if page.reverse:
                 bodies.reverse()
             return InputItemsPage(data=loads_list(bodies), has_more=len(rows) > limit)
 

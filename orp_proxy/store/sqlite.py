@@ -60,6 +60,8 @@ from orp_proxy.store.base import (
     RunInfo,
     StoredEvent,
     StoredResponse,
+    check_page,
+    page_bounds,
 )
 from orp_proxy.store.encoding import dumps, item_id, loads_list
 
@@ -508,34 +510,23 @@ class SQLiteStore:
         expired.
         Raises ValueError for a `limit` outside 1..100 or another `order`.
         """
-        if not 1 <= limit <= 100:
-            raise ValueError("limit must be between 1 and 100")
-        if order not in ("asc", "desc"):
-            raise ValueError("order must be 'asc' or 'desc'")
+        check_page(limit, order)
         found = await self._read(
             _INPUT_CURSORS_SQL, (response_id, owner, after, before, time.time()))
         if not found:
             return None
         rid, after_seq, before_seq = found[0]
-        if (after is not None and after_seq is None) or (
-            before is not None and before_seq is None
-        ):
+        page = page_bounds(order, after, before, after_seq, before_seq, top=1 << 62)
+        if page is None:
             return InputItemsPage(data=[], has_more=False)
-        # Exclusive seq bounds, whichever order the client reads in.
-        low, high = (after_seq, before_seq) if order == "asc" else (before_seq, after_seq)
-        low = -1 if low is None else low
-        high = 1 << 62 if high is None else high
-        # A before-only page is the `limit` items nearest the cursor, read away from it.
-        toward_start = before is not None and after is None
-        ascending = (order == "asc") != toward_start
         rows = await self._read(
             "SELECT body FROM items WHERE response_rid = ? AND kind = 0 AND seq > ? "
-            f"AND seq < ? ORDER BY seq {'ASC' if ascending else 'DESC'} LIMIT ?",
-            (rid, low, high, limit + 1),
+            f"AND seq < ? ORDER BY seq {'ASC' if page.ascending else 'DESC'} LIMIT ?",
+            (rid, page.low, page.high, limit + 1),
         )
         has_more = len(rows) > limit
         bodies = [body for (body,) in rows[:limit]]
-        if toward_start:
+        if page.reverse:
             bodies.reverse()
         return InputItemsPage(data=loads_list(bodies), has_more=has_more)
 
