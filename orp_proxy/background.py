@@ -162,6 +162,8 @@ class BackgroundRuns:
         self.retention = settings.background_event_retention
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.runs: dict[str, Run] = {}
+        # Requests of each owner between the limit checks and their saved run.
+        self._admitting: dict[str, int] = {}
         self._dirty = asyncio.Event()
         self._has_runs = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -219,23 +221,28 @@ class BackgroundRuns:
             raise ApiError(503, "The server is shutting down; send the request again.",
                            type="server_error", code="server_shutting_down",
                            headers={"Retry-After": "1"})
-        if len(self.runs) >= self.max_runs:
+        # A request being admitted counts from before its first await until its run is saved
+        # (then the store and `self.runs` count it): otherwise concurrent requests all pass the
+        # checks before any of them is counted. Across hosts the per-owner limit stays soft.
+        if len(self.runs) + sum(self._admitting.values()) >= self.max_runs:
             raise ApiError(429, f"This server already runs {self.max_runs} background "
                            "responses; try again later.", type=TOO_MANY_REQUESTS,
                            code="too_many_background_responses", headers={"Retry-After": "1"})
-        if await self.store.count_runs(owner) >= self.max_per_owner:
-            raise ApiError(429, f"You already have {self.max_per_owner} background responses "
-                           "running; wait for one to finish or cancel one.",
-                           type=TOO_MANY_REQUESTS, code="too_many_background_responses",
-                           headers={"Retry-After": "1"})
-        tc = prepared.transcoder
-        tc.response["background"] = True
-        tc.queue()
-        first = tc.take()
-        stored = [StoredEvent(e["sequence_number"], dumps(e)) for e in first]
-        queued = tc.progress()
-        await self.store.start_run(self._record(prepared, owner, queued), stored,
-                                   worker=self.worker, lease_until=time.time() + self.lease)
+        others = self._admitting.get(owner, 0)
+        self._admitting[owner] = others + 1
+        try:
+            if await self.store.count_runs(owner) + others >= self.max_per_owner:
+                raise ApiError(429, f"You already have {self.max_per_owner} background "
+                               "responses running; wait for one to finish or cancel one.",
+                               type=TOO_MANY_REQUESTS, code="too_many_background_responses",
+                               headers={"Retry-After": "1"})
+            queued, first, stored = self._queue(prepared)
+            await self.store.start_run(self._record(prepared, owner, queued), stored,
+                                       worker=self.worker, lease_until=time.time() + self.lease)
+        finally:
+            left = self._admitting.pop(owner) - 1
+            if left:
+                self._admitting[owner] = left
         run = Run(response_id=queued["id"], owner=owner, prepared=prepared,
                   request_id=request_id, authorization=authorization, events=stored,
                   flushed=len(stored))
@@ -245,6 +252,16 @@ class BackgroundRuns:
         run.task = asyncio.get_running_loop().create_task(self._run(run),
                                                           name=f"orp-bg-{run.response_id}")
         return queued, first
+
+    @staticmethod
+    def _queue(prepared: PreparedExchange
+               ) -> tuple[dict[str, Any], list[Event], list[StoredEvent]]:
+        """The queued response object and its first events (as sent, and as kept)."""
+        tc = prepared.transcoder
+        tc.response["background"] = True
+        tc.queue()
+        first = tc.take()
+        return tc.progress(), first, [StoredEvent(e["sequence_number"], dumps(e)) for e in first]
 
     def _record(self, prepared: PreparedExchange, owner: str, response: dict[str, Any]
                 ) -> StoredResponse:

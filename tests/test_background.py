@@ -274,6 +274,10 @@ async def test_stream_query_is_validated(proxy: Proxy) -> None:
     for query, param in (("stream=true", "stream"), ("stream=maybe", "stream"),
                          ("stream=true&starting_after=x", "starting_after"),
                          ("stream=true&starting_after=-1", "starting_after"),
+                         # Past any stored sequence number (the stores' 32-bit column).
+                         ("stream=true&starting_after=2147483648", "starting_after"),
+                         ("stream=true&starting_after=99999999999999999999999",
+                          "starting_after"),
                          ("starting_after=3", "starting_after")):
         status, raw = await _get_stream(proxy, plain.id, query)
         assert status == 400, (query, raw)
@@ -366,6 +370,22 @@ async def test_limits_answer_429(start_proxy: StartProxy, settings: Settings,
                                                "background": True}, headers=AUTH)
     assert status == 429, raw
     await sdk(owner_limited).responses.cancel(json.loads(first[2])["id"])
+
+
+@pytest.mark.parametrize("limit", ["background_max_runs", "background_max_per_owner"])
+async def test_limits_hold_for_requests_arriving_together(
+        start_proxy: StartProxy, settings: Settings, mock: MockUpstream, limit: str) -> None:
+    """Eight requests at once against a limit of one: one runs, seven are 429 (the checks
+    count requests still being admitted, not only saved runs)."""
+    proxy = await start_proxy(dataclasses.replace(settings, **{limit: 1}))
+    for _ in range(8):
+        mock.enqueue(paced(WORDS, 0.05))
+    answers = await asyncio.gather(*(proxy.post(BG, headers=AUTH) for _ in range(8)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [200] + [429] * 7, statuses
+    for status, _, raw in answers:
+        if status == 200:
+            await sdk(proxy).responses.cancel(json.loads(raw)["id"])
 
 
 async def test_metrics_count_background_responses(proxy: Proxy, mock: MockUpstream) -> None:

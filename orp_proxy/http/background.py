@@ -104,6 +104,10 @@ async def create_background(request: web.Request, body: dict[str, Any]) -> web.S
     return await stream.follow(runs, owner, queued["id"], first[-1]["sequence_number"])
 
 
+# The stores keep sequence numbers as 32-bit integers (PostgreSQL `int`); no event has more.
+MAX_SEQUENCE_NUMBER = 2**31 - 1
+
+
 def _stream_query(request: web.Request) -> tuple[bool, int | None]:
     """`stream` and `starting_after` of `GET /v1/responses/{id}`, validated."""
     raw = request.query.get("stream", "false").lower()
@@ -119,9 +123,9 @@ def _stream_query(request: web.Request) -> tuple[bool, int | None]:
         except ValueError:
             raise invalid(f"Invalid 'starting_after': expected an integer, got '{text[:32]}'.",
                           "starting_after", "invalid_type") from None
-        if after < 0:
-            raise invalid(f"Invalid 'starting_after': {after}; it must be >= 0.",
-                          "starting_after", "invalid_value")
+        if not 0 <= after <= MAX_SEQUENCE_NUMBER:
+            raise invalid(f"Invalid 'starting_after': {text[:32]}; it must be between 0 and "
+                          f"{MAX_SEQUENCE_NUMBER}.", "starting_after", "invalid_value")
         if not stream:
             raise invalid("'starting_after' needs 'stream=true'.", "starting_after",
                           "invalid_value")
