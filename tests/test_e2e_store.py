@@ -829,3 +829,25 @@ async def test_interrupted_json_request_is_stored_incomplete(proxy: Proxy, mock:
     stored = await wait_stored(proxy, response_id)
     text = stored["output"][0]["content"][0]["text"]
     assert text.startswith("w0 ") and len(text) < len("".join(f"w{i} " for i in range(40)))
+
+
+async def test_ids_with_a_nul_character_are_unknown_on_every_store(proxy: Proxy) -> None:
+    """PostgreSQL text cannot hold NUL: such an id is simply unknown there, as on SQLite
+    (404 or the 400 naming the parameter), never a 500."""
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+    base = "/v1/responses/resp%00x"
+    for method, path in (("GET", base), ("DELETE", base), ("GET", base + "/input_items"),
+                         ("GET", base + "?stream=true"), ("POST", base + "/cancel"),
+                         ("GET", "/v1/responses/resp_1/input_items?after=m%00")):
+        async with proxy.session.request(method, proxy.server.make_url(path),
+                                         headers=auth) as resp:
+            assert resp.status == 404, (method, path, await resp.text())
+    for body, param, code in (
+            ({"previous_response_id": "resp\u0000x"}, "previous_response_id",
+             "previous_response_not_found"),
+            ({"input": [{"type": "item_reference", "id": "m\u0000"}]}, "input[0].id",
+             "item_not_found")):
+        status, _, data = await proxy.post({"model": "mock", "input": "x", **body},
+                                           headers=auth)
+        error = json.loads(data)["error"]
+        assert (status, error["param"], error["code"]) == (400, param, code), data

@@ -505,6 +505,8 @@ class PostgresStore:
 
     async def load_lineage(self, owner: str, response_id: str) -> list[dict[str, Any]] | None:
         """Context for continuing from `response_id`, in spec order, from one query."""
+        if not _storable(response_id):
+            return None
         rows = await self._fetch(_LINEAGE_SQL, response_id, owner, _MAX_LINEAGE_DEPTH,
                                  time.time())
         found, joined = rows[0]
@@ -514,6 +516,8 @@ class PostgresStore:
 
     async def get_response(self, owner: str, response_id: str) -> dict[str, Any] | None:
         """The ResponseResource as it was sent to the client, or None (unknown or expired)."""
+        if not _storable(response_id):
+            return None
         rows = await self._fetch(_GET_RESPONSE_SQL, response_id, owner, time.time())
         if not rows:
             return None
@@ -525,6 +529,8 @@ class PostgresStore:
     async def delete_response(self, owner: str, response_id: str) -> bool:
         """Delete the response and its items (children keep theirs); False if unknown or
         expired."""
+        if not _storable(response_id):
+            return False
         now = time.time()
 
         async def work(con: Any) -> bool:
@@ -548,6 +554,8 @@ class PostgresStore:
     ) -> InputItemsPage | None:
         """A page of the response's input items, OpenAI style (see `SQLiteStore`)."""
         check_page(limit, order)
+        if not _storable(response_id, after, before):
+            return None
         now = time.time()
 
         async def work(con: Any) -> InputItemsPage | None:
@@ -572,7 +580,7 @@ class PostgresStore:
 
     async def get_items(self, owner: str, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Resolve `item_reference`s (the most recently stored live copy of an id wins)."""
-        wanted = list(dict.fromkeys(item_ids))
+        wanted = [i for i in dict.fromkeys(item_ids) if _storable(i)]
         if not wanted:
             return {}
         rows = await self._fetch(
@@ -730,6 +738,8 @@ class PostgresStore:
         return [StoredEvent(seq, body) for seq, body in rows]
 
     async def get_run(self, owner: str, response_id: str) -> RunInfo | None:
+        if not _storable(response_id):
+            return None
         rows = await self._fetch(
             "SELECT u.response_id, u.owner, u.worker, u.lease_until, u.cancel_requested, "
             "u.finished, u.last_seq, u.events_kept FROM runs AS u "
@@ -875,6 +885,12 @@ class PostgresStore:
             await asyncio.wait_for(self._pool.close(), 10)
         except Exception:
             self._pool.terminate()
+
+
+def _storable(*texts: str | None) -> bool:
+    """Whether these ids can be in the database at all: PostgreSQL text holds no NUL (asyncpg
+    refuses it as a parameter), so an id with one is simply unknown, as on SQLite."""
+    return not any(text is not None and "\x00" in text for text in texts)
 
 
 async def _insert_events(con: Any, response_id: str, events: Sequence[StoredEvent]) -> None:
