@@ -48,6 +48,13 @@ async def load_history(gateway: Gateway, owner: str, previous_id: str | None
     lineage = await gateway.store.load_lineage(owner, previous_id)
     if lineage is None:
         raise previous_not_found(previous_id)
+    # Only a background response is kept before it ends; continuing from one still running
+    # would silently leave its answer out of the context (the spec wants input and output).
+    head = await gateway.store.get_response(owner, previous_id)
+    if head is not None and head.get("status") in ("queued", "in_progress"):
+        raise ApiError(400, f"Previous response with id '{previous_id}' has not finished yet "
+                       f"(status '{head['status']}'); continue from it once it has.",
+                       param="previous_response_id", code="previous_response_in_progress")
     return lineage
 
 

@@ -388,6 +388,33 @@ async def test_limits_hold_for_requests_arriving_together(
             await sdk(proxy).responses.cancel(json.loads(raw)["id"])
 
 
+async def test_continuing_from_a_running_response_is_refused(proxy: Proxy,
+                                                            mock: MockUpstream) -> None:
+    """Its answer is not there yet: a 400 naming previous_response_id, not a context without
+    it; once it has finished, the continuation works."""
+    mock.enqueue(paced(WORDS, 0.05))
+    status, _, raw = await proxy.post(BG, headers=AUTH)
+    assert status == 200, raw
+    running = json.loads(raw)["id"]
+    status, _, raw = await proxy.post({"model": "mock", "input": "next",
+                                       "previous_response_id": running}, headers=AUTH)
+    error = json.loads(raw)["error"]
+    assert (status, error["param"], error["code"]) == (
+        400, "previous_response_id", "previous_response_in_progress"), raw
+    await _wait_status(proxy, running, {"completed"})
+    status, _, raw = await proxy.post({"model": "mock", "input": "next",
+                                       "previous_response_id": running}, headers=AUTH)
+    assert status == 200, raw
+
+
+async def test_background_prewarm_is_refused(proxy: Proxy, mock: MockUpstream) -> None:
+    """A warm-up asks for no generation; a background run would generate (and spend)."""
+    status, _, raw = await proxy.post({**BG, "prompt_cache_options": {"prewarm": True}},
+                                      headers=AUTH)
+    assert (status, json.loads(raw)["error"]["param"]) == (400, "background"), raw
+    assert mock.requests == []
+
+
 async def test_metrics_count_background_responses(proxy: Proxy, mock: MockUpstream) -> None:
     mock.enqueue(paced(WORDS[:2], 0.0))
     events, _ = await proxy.stream(BG, headers=AUTH)

@@ -30,6 +30,11 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     body = await read_json_body(request, gateway.settings.max_body_bytes)
     validate_create_body(body, limits=gateway.limits)
     if body.get("background"):
+        if is_prewarm(body):
+            # A warm-up generates nothing, a background run generates: refuse rather than
+            # spend tokens on a request that asked for none.
+            raise invalid("'prompt_cache_options.prewarm' cannot be combined with "
+                          "'background': true.", "background", "invalid_value")
         return await create_background(request, body)
     owner = gateway.store.owner_id(credential(request))
     rid = request_id(request)
