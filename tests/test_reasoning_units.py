@@ -26,7 +26,7 @@ from orp_proxy.protocol.translate import (
     to_chat_messages,
 )
 from orp_proxy.upstream.mock import reasoning_chunks, usage_dict
-from tests.sse_check import check_events
+from tests.test_transcoder import run
 
 CIPHER = CompactionCipher([b"k" * 40])
 
@@ -149,20 +149,10 @@ def make(body: dict[str, Any], **kwargs: Any) -> Transcoder:
                       id_factory=lambda prefix: f"{prefix}_{next(counter)}", **kwargs)
 
 
-def run(tc: Transcoder, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    tc.start()
-    for chunk in chunks:
-        tc.feed(chunk)
-    tc.finish()
-    events = tc.take()
-    check_events(events)
-    return events
-
-
 def test_summary_events_in_order() -> None:
     body = {"model": "m", "input": "hi", "reasoning": {"summary": "auto"}}
-    events = run(make(body, reasoning_summary=True),
-                 reasoning_chunks(["Let me ", "think."], ["Answer"]))
+    events = run(reasoning_chunks(["Let me ", "think."], ["Answer"]),
+                 make(body, reasoning_summary=True))
     assert [e["type"] for e in events[2:12]] == [
         "response.output_item.added",
         "response.reasoning_summary_part.added",
@@ -189,7 +179,7 @@ def test_summary_events_in_order() -> None:
 def test_encrypted_content_on_the_finished_item() -> None:
     tc = make({"model": "m", "input": "hi"},
               seal_reasoning=lambda text: CIPHER.seal("o1", text, purpose=REASONING))
-    events = run(tc, reasoning_chunks(["deep ", "thought"], ["Answer"]))
+    events = run(reasoning_chunks(["deep ", "thought"], ["Answer"]), tc)
     added = next(e for e in events if e["type"] == "response.output_item.added")
     assert "encrypted_content" not in added["item"]
     item = tc.response["output"][0]
@@ -216,10 +206,10 @@ def test_reasoning_tokens_reported_or_estimated() -> None:
     # vLLM and llama.cpp report none: the count of reasoning chunks stands in.
     plain = {"prompt_tokens": 3, "completion_tokens": 10}
     tc = make({"model": "m", "input": "hi"})
-    run(tc, reasoning_chunks(["a", "b", "c"], ["x"], usage=plain))
+    run(reasoning_chunks(["a", "b", "c"], ["x"], usage=plain), tc)
     assert tc.response["usage"]["output_tokens_details"]["reasoning_tokens"] == 3
     tc = make({"model": "m", "input": "hi"})
-    run(tc, reasoning_chunks(["a", "b", "c"], ["x"], usage=usage_dict(3, 10, reasoning=0)))
+    run(reasoning_chunks(["a", "b", "c"], ["x"], usage=usage_dict(3, 10, reasoning=0)), tc)
     assert tc.response["usage"]["output_tokens_details"]["reasoning_tokens"] == 0
 
 
