@@ -37,61 +37,45 @@ class SSELineBuffer:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Return the complete `data:` payloads in `data` (plus what was pending)."""
-        out: list[bytes] = []
-        start = 0
-        find = data.find
         if self._parts:
-            end = find(b"\n")
-            if end < 0:
+            if data.find(b"\n") < 0:
                 self._parts.append(data)
                 self._size += len(data)
                 if self._size > self._max_line:
                     raise self._too_long()
-                return out
-            self._parts.append(data[:end])
-            line = b"".join(self._parts)
+                return []
+            # The pending line ends in this read: it is scanned once more, in one piece.
+            self._parts.append(data)
+            data = b"".join(self._parts)
             self._parts.clear()
             self._size = 0
-            if len(line) > self._max_line:
-                raise self._too_long()
-            self._line(line, 0, len(line), out)
-            start = end + 1
-        while True:
-            end = find(b"\n", start)
-            if end < 0:
-                break
-            if end - start > self._max_line:
-                raise self._too_long()
-            self._line(data, start, end, out)
-            start = end + 1
-        rest = len(data) - start
+        # One C-level split per read, not a find per line: a fast upstream packs dozens of
+        # chunks into one read.
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        if len(data) > self._max_line and (
+                len(rest) > self._max_line or any(len(line) > self._max_line for line in lines)):
+            raise self._too_long()
         if rest:
-            if rest > self._max_line:
-                raise self._too_long()
-            self._parts.append(data[start:])
-            self._size = rest
+            self._parts.append(rest)
+            self._size = len(rest)
+        out: list[bytes] = []
+        for line in lines:
+            if line.startswith(b"data:"):
+                if line.endswith(b"\r"):  # CRLF line end
+                    line = line[:-1]
+                payload = line[6:] if line[5:6] == b" " else line[5:]
+                if payload:
+                    out.append(payload)
+            # Anything else is a blank line, a comment or another field: Chat Completions
+            # carries nothing there. A lone CR as line separator is used by no server we know.
         return out
 
     def flush(self) -> list[bytes]:
         """At end of body: a last line without its newline still counts."""
-        out: list[bytes] = []
-        if self._parts:
-            line = b"".join(self._parts)
-            self._parts.clear()
-            self._size = 0
-            self._line(line, 0, len(line), out)
-        return out
-
-    @staticmethod
-    def _line(data: bytes, start: int, end: int, out: list[bytes]) -> None:
-        if end > start and data[end - 1] == 13:  # CRLF line end
-            end -= 1
-        if end - start < 5 or data[start : start + 5] != b"data:":
-            # Blank line, comment or another field; Chat Completions carries nothing there.
-            # A lone CR as line separator is not used by any server we know of.
-            return
-        start += 5
-        if start < end and data[start] == 32:
-            start += 1
-        if start < end:
-            out.append(data[start:end])
+        if not self._parts:
+            return []
+        line = b"".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        return self.feed(line + b"\n")

@@ -256,12 +256,19 @@ class Transcoder:
         self._emit({"type": "response.in_progress", "response": self._snapshot()})
 
     def feed(self, chunk: Any) -> None:
-        """One decoded `chat.completion.chunk`.
+        """One decoded `chat.completion.chunk`, or the 1-tuple `(text,)` standing for a plain
+        text chunk (see `UpstreamStream.batches`).
 
         Raises `ToolNotAllowed`, and `ValueError` for a chunk whose shape is not one a Chat
         Completions server sends (the caller fails the response as `upstream_bad_response`).
         """
         if self.finished:
+            return
+        if type(chunk) is tuple:
+            # `(text,)`: a chunk the upstream reader proved to carry only choice 0's text
+            # (`chunks.PlainText`); JSON never decodes to a tuple.
+            if chunk[0]:
+                self._message_text("output_text", chunk[0], None)
             return
         if type(chunk) is not dict:
             raise ValueError("upstream chunk is not a JSON object")

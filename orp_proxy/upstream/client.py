@@ -37,6 +37,7 @@ from orp_proxy.errors import (
     TOO_MANY_REQUESTS,
     ApiError,
 )
+from orp_proxy.protocol.chunks import PlainText
 from orp_proxy.protocol.sse_lines import DONE, LineTooLong, SSELineBuffer
 
 log = logging.getLogger("orp.upstream")
@@ -224,7 +225,10 @@ class UpstreamStream:
             done()
 
     async def batches(self) -> AsyncIterator[list[Any]]:
-        """Per network read, the chunks it completed (possibly none). Stops at `[DONE]`."""
+        """Per network read, the chunks it completed (possibly none). Stops at `[DONE]`.
+
+        A chunk is a decoded `chat.completion.chunk`, or a 1-tuple `(text,)` for a plain text
+        chunk that `protocol.chunks.PlainText` decoded without building the whole object."""
         if self._json:
             document = await self._read_json()
             if is_error_document(document):  # an error, though the status said 200
@@ -234,12 +238,17 @@ class UpstreamStream:
             return
         lines = self._lines
         loads = ujson.loads
+        plain = PlainText()
         payload = b""
         try:
             async for data in self.response.content.iter_any():
-                batch = []
+                batch: list[Any] = []
                 try:
                     for payload in lines.feed(data):
+                        text = plain.text(payload)
+                        if text is not None:
+                            batch.append((text,))  # see `Transcoder.feed`
+                            continue
                         if payload == DONE:
                             self.saw_done = True
                             break
@@ -247,6 +256,7 @@ class UpstreamStream:
                         if isinstance(chunk, dict) and (chunk.get("error")
                                                         or chunk.get("object") == "error"):
                             raise stream_failure(chunk, self._scrub)
+                        plain.learn(payload, chunk)
                         batch.append(chunk)
                 except (ValueError, UpstreamStreamError):
                     if batch:
