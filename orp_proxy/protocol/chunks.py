@@ -24,12 +24,14 @@ _BACKSLASH = b"\\"
 class PlainText:
     """The learnt template of a stream's plain text chunks (one per upstream stream)."""
 
-    __slots__ = ("_hits", "_learning", "_prefix", "_size", "_suffix", "_useless")
+    __slots__ = ("_end", "_hits", "_learning", "_prefix", "_size", "_start", "_suffix",
+                 "_useless")
 
     def __init__(self) -> None:
         self._prefix = b""
         self._suffix = b""
         self._size = -1  # prefix + suffix; -1 until a template is learnt
+        self._start = self._end = 0  # the text's slice: [len(prefix):-len(suffix)]
         self._hits = 0  # payloads the current template matched
         self._useless = 0  # templates replaced without a single match
         self._learning = True
@@ -41,7 +43,7 @@ class PlainText:
         if (size < 0 or len(payload) < size or not payload.startswith(self._prefix)
                 or not payload.endswith(self._suffix)):
             return None
-        middle = payload[len(self._prefix):len(payload) - len(self._suffix)]
+        middle = payload[self._start:self._end]
         if _BACKSLASH not in middle:
             if _QUOTE in middle:
                 return None  # an unescaped quote: not one string, not the learnt shape
@@ -114,4 +116,5 @@ class PlainText:
                 self._learning = False
         self._prefix, self._suffix = prefix, suffix
         self._size = len(prefix) + len(suffix)
+        self._start, self._end = len(prefix), -len(suffix)  # the suffix holds the quote
         self._hits = 0
