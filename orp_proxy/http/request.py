@@ -42,8 +42,11 @@ async def read_json_body(request: web.Request, limit: int) -> Any:
     timeout = request.app[GATEWAY].settings.body_read_timeout if GATEWAY in request.app \
         else None
     try:
-        async with asyncio.timeout(timeout):
-            raw = await request.read()
+        if request.content.is_eof():
+            raw = await request.read()  # all of it has arrived: no timer to arm and cancel
+        else:
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
                        code="request_too_large") from None

@@ -20,13 +20,21 @@ SSE_HEADERS = {
 STREAM_STARTED = web.RequestKey("orp_stream_started", bool)
 
 
+class _EventStreamResponse(web.StreamResponse):
+    """Headers go out with the first events, in one write: the transport prepares the
+    response only when it has events to send (aiohttp's opt-in, as its `Response` does)."""
+
+    _send_headers_immediately = False
+
+
 class SSETransport:
     """Prepares the response on the first delivery; idle streams get keep-alive comments from
     the worker's sweeper (see `ops.keepalive`), which counts our writes."""
 
     def __init__(self, request: web.Request, headers: dict[str, str]) -> None:
         self.request = request
-        self.resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+        self.resp: web.StreamResponse = _EventStreamResponse(
+            status=200, headers={**SSE_HEADERS, **headers})
         self.streams: StreamRegistry = request.app[STREAMS]
         self.live: LiveStream | None = None
 
@@ -41,8 +49,8 @@ class SSETransport:
 
     async def finish(self, events: list[Event]) -> None:
         self.close()
-        await self.resp.write(encode_events(events) + DONE_BLOCK)
-        await self.resp.write_eof()
+        # The last events, `[DONE]` and the end of the chunked body in one write.
+        await self.resp.write_eof(encode_events(events) + DONE_BLOCK)
 
     def close(self) -> None:
         if self.live is not None:

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from orp_proxy.errors import HTTP_ERROR_CODES, ApiError
+from orp_proxy.ids import random_hex
 from orp_proxy.ops import metrics
 from orp_proxy.protocol.sse import dumps
 from orp_proxy.state import GATEWAY
@@ -59,7 +59,7 @@ def incoming_request_id(request: web.BaseRequest) -> str:
     given = request.headers.get("X-Request-Id", "")
     if given and len(given) <= 128 and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return random_hex()
 
 
 def attach_exchange(request: web.Request, exchange: Exchange, *, stream: bool) -> None:

@@ -8,15 +8,15 @@ where the spec says the field is not nullable.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
+from orp_proxy.ids import random_hex
 from orp_proxy.protocol.tools import is_hosted
 
 
 def new_id(prefix: str) -> str:
     """`resp_…`, `msg_…`, `fc_…`, `rs_…`: a prefix and 32 random hex digits."""
-    return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{random_hex()}"
 
 
 def _tool_echo(tool: dict[str, Any]) -> dict[str, Any]:
