@@ -58,6 +58,9 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
                                           sock_read=settings.read_timeout),
             connector=aiohttp.TCPConnector(limit=settings.pool_limit, keepalive_timeout=60),
             auto_decompress=True,
+            # The session serves every client: a cookie one upstream answer set must not ride
+            # along with another client's request (and matching cookies costs per request).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         opened.push_async_callback(session.close)
         router: Routes

@@ -22,7 +22,7 @@ from orp_proxy.config import Settings
 from orp_proxy.state import GATEWAY
 from orp_proxy.upstream import client as upstream_module
 from orp_proxy.upstream.client import UpstreamStreamError, completion_as_chunk, status_error
-from orp_proxy.upstream.mock import MockUpstream, Scenario
+from orp_proxy.upstream.mock import MockUpstream, Scenario, text_chunks
 from orp_proxy.upstream.scrub import Scrubber
 from tests.conftest import Proxy
 from tests.test_e2e_http import error_of
@@ -158,6 +158,22 @@ async def test_a_json_answer_within_the_limit_works(proxy: Proxy, mock: MockUpst
     status, _, data = await proxy.post({"model": "m", "input": "x"})
     assert status == 200, data
     assert json.loads(data)["output"][0]["content"][0]["text"] == "whole"
+
+
+async def test_an_upstream_cookie_never_rides_along_with_another_request(
+        start_proxy: StartProxy, settings: Settings, mock: MockUpstream) -> None:
+    # One session serves every client: a cookie the upstream set while answering one client
+    # must not be sent on the next client's request. (aiohttp keeps no cookies of an IP
+    # address, so the upstream is named by host name here.)
+    url = settings.upstream_url.replace("127.0.0.1", "localhost")
+    proxy = await start_proxy(dataclasses.replace(settings, upstream_url=url))
+    mock.enqueue(Scenario(chunks=text_chunks(["a"]),
+                          headers={"Set-Cookie": "session=tenant-a; Path=/"}),
+                 Scenario(chunks=text_chunks(["b"])))
+    for _ in range(2):
+        status, _, data = await proxy.post({"model": "m", "input": "x"})
+        assert status == 200, data
+    assert "cookie" not in mock.requests[-1].headers
 
 
 @pytest.mark.parametrize("answer", [
