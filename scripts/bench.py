@@ -9,8 +9,16 @@ ratios measured within one run (through ORP vs direct to the upstream). Wall-clo
     scripts/bench --quick               # a smaller run
     scripts/bench --only cpu            # one section: cpu, sweep, memory, store, json, routing
     scripts/bench --target URL --target-pid PID   # the same load against another gateway
+    scripts/bench --peer 'COMMAND' [--peer-config FILE] [--peer-model NAME]
+                                        # a peer gateway started per section, measured beside ORP
     scripts/bench --only store --store-url postgresql://orp@127.0.0.1:5432/bench
                                         # store costs on SQLite and on PostgreSQL
+    scripts/bench --table bench-results.json    # the README's table from a results file
+
+On a machine with 2 or more CPUs the gateway process (ORP or the peer, with its children) runs
+on the first CPU, the mock upstream, the load generators and this harness on the others
+(`--no-pin`: no pinning). `targets` in the results lists issue 16's targets with the figure each
+is judged by, its threshold and whether it passed.
 
 Everything listens on 127.0.0.1; every loop is bounded in count and time.
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import multiprocessing
 import os
@@ -30,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,50 @@ except ImportError:  # imported as scripts.bench
     from scripts import procs
 
 TOKENS = 256
+PEER_START_TIMEOUT = 120.0  # a big gateway (LiteLLM) imports for a while before it listens
+
+
+# -- pinning --------------------------------------------------------------------------------
+
+
+@dataclass
+class Pinning:
+    """Where the processes run: the gateway under test alone on `gateway`, everything else
+    (mock upstream, load generators, this harness) on `others`; None: wherever the kernel
+    likes."""
+
+    gateway: list[int] | None = None
+    others: list[int] | None = None
+    observed: dict[str, list[int]] = field(default_factory=dict)
+
+    def note(self, name: str, pid: int) -> None:
+        """Record the CPUs `pid` is allowed on (the first time `name` is seen)."""
+        if name not in self.observed:
+            with contextlib.suppress(OSError):
+                self.observed[name] = sorted(os.sched_getaffinity(pid))
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"enabled": self.gateway is not None}
+        if self.gateway is not None:
+            out.update(gateway_cpus=self.gateway, others_cpus=self.others)
+        out["observed_cpus"] = self.observed
+        return out
+
+
+PIN = Pinning()
+
+
+def configure_pinning(enabled: bool) -> dict[str, Any]:
+    """Pin this harness (and so the mock upstreams and load generators it starts, which
+    inherit its CPU mask) to all CPUs but the first; gateways get the first (`PIN`)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not enabled or len(cpus) < 2:
+        PIN.gateway = PIN.others = None
+        return {"reason": "--no-pin" if not enabled else f"{len(cpus)} CPU available",
+                "cpus": cpus}
+    PIN.gateway, PIN.others = cpus[:1], cpus[1:]
+    os.sched_setaffinity(0, PIN.others)
+    return {"cpus": cpus}
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -52,6 +105,7 @@ def mock_upstream(interval_ms: float) -> Iterator[tuple[str, int]]:
     with tempfile.TemporaryDirectory(prefix="orp-bench-mock-") as home, \
             procs.mock_upstream(Path(home), "--interval-ms", str(interval_ms),
                                 "--bench-tokens", str(TOKENS)) as (url, proc):
+        PIN.note("mock_upstream", proc.pid)
         yield url, proc.pid
 
 
@@ -67,13 +121,75 @@ def orp(upstream: str | None, db: str, store_url: str | None = None, **settings:
             *store, "--log-level", "warning"]
     if upstream is not None:
         args += ["--upstream-url", upstream]
-    proc = subprocess.Popen(args, env=procs.clean_env(ORP_AUTH_MODE="none", **settings),
-                            cwd=procs.ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    with procs.affinity(PIN.gateway):
+        proc = subprocess.Popen(args, env=procs.clean_env(ORP_AUTH_MODE="none", **settings),
+                                cwd=procs.ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
     with procs.running(proc, sig=signal.SIGINT):
         procs.wait_port(port, proc)
+        PIN.note("orp", proc.pid)
         yield f"http://{procs.HOST}:{port}/v1", proc.pid
+
+
+@dataclass
+class Peer:
+    """Another gateway, started per section by a shell `command` in which `{upstream}` (the
+    mock's base URL with /v1), `{port}`, `{tmp}` (a directory of its own) and `{config}` (the
+    `config` template written there, same substitutions) are replaced."""
+
+    command: str
+    model: str = "bench"
+    config: str | None = None
+    config_name: str = "peer-config.yaml"
+
+    def body(self, **extra: Any) -> dict[str, Any]:
+        """The Responses body the peer gets: ORP's without `store` (a peer may not keep
+        responses, or need a database to)."""
+        return {"model": self.model, "input": "benchmark", **extra}
+
+
+def substitute(template: str, values: dict[str, str]) -> str:
+    """`template` with each `{name}` of `values` replaced (no format(): JSON and YAML braces
+    stay as they are)."""
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", value)
+    return template
+
+
+@contextlib.contextmanager
+def peer_gateway(upstream: str, peer: Peer) -> Iterator[tuple[str, int]]:
+    """The peer gateway against `upstream`, on the gateway CPU, its output in a log shown when
+    it fails to start; stopped (its whole process group) when the block ends."""
+    with tempfile.TemporaryDirectory(prefix="orp-bench-peer-") as tmp:
+        port = procs.free_port()
+        values = {"upstream": upstream, "port": str(port), "tmp": tmp}
+        if peer.config is not None:
+            config = Path(tmp, peer.config_name)
+            config.write_text(substitute(peer.config, values))
+            values["config"] = str(config)
+        env = procs.clean_env()
+        env.pop("PYTHONPATH")  # the checkout's packages are none of the peer's business
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        log = Path(tmp, "peer.log")
+        with procs.affinity(PIN.gateway):
+            proc = procs.spawn(["/bin/sh", "-c", substitute(peer.command, values)],
+                               cwd=Path(tmp), env=env, stdout=log)
+        with procs.running(proc, grace=10.0):
+            try:
+                procs.wait_port(port, proc, timeout=PEER_START_TIMEOUT)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"peer did not start: {exc}\n"
+                                   f"{log.read_text(errors='replace')[-3000:]}") from None
+            url = f"http://{procs.HOST}:{port}/v1"
+            # One short stream must work before anything is measured.
+            check = run_load(url, "responses", 1, 2, peer.body(max_output_tokens=16))
+            if check.errors or not check.tokens:
+                raise RuntimeError(f"peer answers no stream: {check.error_samples}\n"
+                                   f"{log.read_text(errors='replace')[-3000:]}")
+            PIN.note("peer", max(procs.tree(proc.pid)))
+            yield url, proc.pid
 
 
 # -- load generation (runs in separate processes) -----------------------------------------
@@ -87,6 +203,7 @@ class LoadSpec:
     requests: int  # total for this process
     body: dict[str, Any]
     timeout: float = 120.0
+    deadline: float = 120.0  # no new request starts after this many seconds
 
 
 @dataclass
@@ -98,53 +215,80 @@ class LoadResult:
     wall: float = 0.0
     error_samples: list[str] = field(default_factory=list)
 
+    def merge(self, other: LoadResult) -> None:
+        self.ok += other.ok
+        self.errors += other.errors
+        self.tokens += other.tokens
+        self.ttfe.extend(other.ttfe)
+        self.wall = max(self.wall, other.wall)
+        self.error_samples.extend(other.error_samples[:3])
+
+
+# A text delta in a Responses stream: the `type` value in its data line (ORP's `event:` line
+# has no quote after the name; a peer may send no `event:` lines at all).
+RESPONSES_DELTA = b'response.output_text.delta"'
+
+
+def _request(url: str, kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The endpoint and body for one request of `kind` with the Responses `body`."""
+    if kind == "chat":
+        chat = {"model": body["model"], "stream": True, "messages": [
+            {"role": "user", "content": "benchmark"}], "stream_options": {"include_usage": True}}
+        if "max_output_tokens" in body:
+            chat["max_tokens"] = body["max_output_tokens"]
+        return url.rstrip("/") + "/chat/completions", chat
+    body = dict(body)
+    if kind == "responses":
+        body["stream"] = True
+    return url.rstrip("/") + "/responses", body
+
+
+async def _one(session: Any, url: str, kind: str, body: dict[str, Any], result: LoadResult,
+               started: float) -> None:
+    """One request, its time to first byte from `started`, tokens and errors in `result`."""
+    try:
+        async with session.post(url, json=body) as resp:
+            first = await resp.content.readany()
+            result.ttfe.append(time.perf_counter() - started)
+            data = first + await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {data[-200:]!r}")
+            if kind == "responses-json":
+                answer = json.loads(data)
+                if answer["status"] not in ("completed", "incomplete"):
+                    raise RuntimeError(f"response {answer['status']}")
+                result.tokens += answer["usage"]["output_tokens"]
+            elif kind == "chat":
+                if b"[DONE]" not in data[-300:]:
+                    raise RuntimeError(f"stream did not end: {data[-200:]!r}")
+                result.tokens += data.count(b'"content":') - 1  # the role chunk has one too
+            else:
+                if b"[DONE]" not in data[-300:] and b'response.completed"' not in data \
+                        and b'response.incomplete"' not in data:
+                    raise RuntimeError(f"stream did not end: {data[-200:]!r}")
+                result.tokens += data.count(RESPONSES_DELTA)
+            result.ok += 1
+    except Exception as exc:  # counted and sampled, never fatal
+        result.errors += 1
+        if len(result.error_samples) < 3:
+            result.error_samples.append(repr(exc)[:300])
+
 
 async def _load(spec: LoadSpec) -> LoadResult:
     import aiohttp
 
     result = LoadResult()
-    path = "/chat/completions" if spec.kind == "chat" else "/responses"
-    url = spec.url.rstrip("/") + path
-    body = dict(spec.body)
-    if spec.kind == "chat":
-        body = {"model": body["model"], "stream": True, "messages": [
-            {"role": "user", "content": "benchmark"}], "stream_options": {"include_usage": True}}
-        if "max_output_tokens" in spec.body:
-            body["max_tokens"] = spec.body["max_output_tokens"]
-    elif spec.kind == "responses":
-        body["stream"] = True
-    marker = b'"content":' if spec.kind == "chat" else b"event: response.output_text.delta"
+    url, body = _request(spec.url, spec.kind, spec.body)
     remaining = spec.requests
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=spec.timeout)
+    stop_at = time.perf_counter() + spec.deadline
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal remaining
-        while remaining > 0:
+        while remaining > 0 and time.perf_counter() < stop_at:
             remaining -= 1
-            started = time.perf_counter()
-            try:
-                async with session.post(url, json=body) as resp:
-                    first = await resp.content.readany()
-                    result.ttfe.append(time.perf_counter() - started)
-                    rest = await resp.read()
-                    data = first + rest
-                    if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status}: {data[-200:]!r}")
-                    if spec.kind == "responses-json":
-                        answer = json.loads(data)
-                        if answer["status"] not in ("completed", "incomplete"):
-                            raise RuntimeError(f"response {answer['status']}")
-                        result.tokens += answer["usage"]["output_tokens"]
-                    else:
-                        if b"[DONE]" not in data[-300:]:
-                            raise RuntimeError(f"stream did not end: {data[-200:]!r}")
-                        result.tokens += data.count(marker) - (1 if spec.kind == "chat" else 0)
-                    result.ok += 1
-            except Exception as exc:  # counted and sampled, never fatal
-                result.errors += 1
-                if len(result.error_samples) < 3:
-                    result.error_samples.append(repr(exc)[:300])
+            await _one(session, url, spec.kind, body, result, time.perf_counter())
 
     started = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -153,35 +297,91 @@ async def _load(spec: LoadSpec) -> LoadResult:
     return result
 
 
-def _load_entry(spec: LoadSpec) -> LoadResult:
+def _run(coroutine: Any) -> Any:
     try:
         import uvloop
 
-        return uvloop.run(_load(spec))
+        return uvloop.run(coroutine)
     except ImportError:
-        return asyncio.run(_load(spec))
+        return asyncio.run(coroutine)
+
+
+def _load_entry(spec: LoadSpec) -> LoadResult:
+    return _run(_load(spec))  # type: ignore[no-any-return]
 
 
 def run_load(url: str, kind: str, concurrency: int, requests: int, body: dict[str, Any],
-             processes: int = 1) -> LoadResult:
+             processes: int = 1, deadline: float = 120.0) -> LoadResult:
     """Drive the load from `processes` separate processes and merge their results."""
     per = [requests // processes + (1 if i < requests % processes else 0)
            for i in range(processes)]
     conc = [max(1, concurrency // processes + (1 if i < concurrency % processes else 0))
             for i in range(processes)]
-    specs = [LoadSpec(url, kind, c, n, body) for c, n in zip(conc, per, strict=True) if n]
+    specs = [LoadSpec(url, kind, c, n, body, deadline=deadline)
+             for c, n in zip(conc, per, strict=True) if n]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(len(specs)) as pool:
         results = pool.map(_load_entry, specs)
     merged = LoadResult()
     for r in results:
-        merged.ok += r.ok
-        merged.errors += r.errors
-        merged.tokens += r.tokens
-        merged.ttfe.extend(r.ttfe)
-        merged.wall = max(merged.wall, r.wall)
-        merged.error_samples.extend(r.error_samples)
+        merged.merge(r)
     return merged
+
+
+@dataclass
+class Burst:
+    """`requests` streams started together, each on a new connection of its own."""
+
+    url: str  # .../v1
+    kind: str  # "responses" | "chat"
+    requests: int
+    body: dict[str, Any]
+    timeout: float = 60.0
+
+
+async def _burst(burst: Burst) -> LoadResult:
+    """Every request of `burst` connects and sends when one event is set; time to first byte
+    counts from that moment."""
+    import aiohttp
+
+    result = LoadResult()
+    url, body = _request(burst.url, burst.kind, burst.body)
+    release = asyncio.Event()
+    released = 0.0
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)  # a new connection each
+    timeout = aiohttp.ClientTimeout(total=burst.timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def one() -> None:
+            await release.wait()
+            await _one(session, url, burst.kind, body, result, released)
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(burst.requests)]
+        await asyncio.sleep(0.05)  # every task is waiting on the event
+        released = time.perf_counter()
+        release.set()
+        await asyncio.gather(*tasks)
+        result.wall = time.perf_counter() - released
+    return result
+
+
+async def _bursts(plan: list[Burst], pause: float) -> list[LoadResult]:
+    """Each burst of `plan` in turn, `pause` seconds apart."""
+    out = []
+    for burst in plan:
+        out.append(await _burst(burst))
+        await asyncio.sleep(pause)
+    return out
+
+
+def _bursts_entry(args: tuple[list[Burst], float]) -> list[LoadResult]:
+    return _run(_bursts(*args))  # type: ignore[no-any-return]
+
+
+def run_bursts(plan: list[Burst], pause: float = 0.5) -> list[LoadResult]:
+    """`plan` from one load-generator process of its own (see `_bursts`)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_bursts_entry, ((plan, pause),))
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -192,11 +392,14 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def measured(url: str, kind: str, concurrency: int, requests: int, body: dict[str, Any],
-             pids: dict[str, int], processes: int = 1) -> dict[str, Any]:
-    """One workload: load result plus CPU seconds of each named process during it."""
-    before = {name: procs.cpu_seconds(pid) for name, pid in pids.items()}
-    result = run_load(url, kind, concurrency, requests, body, processes)
-    cpu = {name: procs.cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+             pids: dict[str, int], processes: int = 1, deadline: float = 120.0
+             ) -> dict[str, Any]:
+    """One workload: load result plus CPU seconds of each named process (with its
+    descendants) during it; no new request starts after `deadline` seconds."""
+    trees = {name: procs.tree(pid) for name, pid in pids.items()}
+    before = {name: procs.tree_cpu_seconds(tree) for name, tree in trees.items()}
+    result = run_load(url, kind, concurrency, requests, body, processes, deadline)
+    cpu = {name: procs.tree_cpu_seconds(tree) - before[name] for name, tree in trees.items()}
     tokens = max(result.tokens, 1)
     out: dict[str, Any] = {
         "kind": kind, "concurrency": concurrency, "requests": requests, "ok": result.ok,
@@ -222,35 +425,149 @@ def _ms(value: float | None) -> float | None:
 
 
 BENCH_BODY: dict[str, Any] = {"model": "bench", "input": "benchmark", "store": False}
+# Issue 16's setup, and the Responses API's default: the response is kept.
+STORED_BODY: dict[str, Any] = dict(BENCH_BODY, store=True)
 
 
-def section_cpu(scale: float, target: str | None, target_pid: int | None) -> dict[str, Any]:
-    """CPU per token and per request, zero-delay 10 streams and paced 20 ms 100 streams."""
-    out: dict[str, Any] = {}
+def fixed_and_marginal(big: dict[str, Any], small: dict[str, Any]) -> tuple[float, float] | None:
+    """CPU per request split into a fixed part and a part per token, from two runs of the same
+    gateway with long and short answers (`measured` rows); None when they cannot tell."""
+    if not (big["ok"] and small["ok"]):
+        return None
+    big_tokens, small_tokens = big["tokens"] / big["ok"], small["tokens"] / small["ok"]
+    if big_tokens - small_tokens < 1:
+        return None  # the short answer was not shorter (max_output_tokens ignored)
+    big_req, small_req = big["proxy_cpu_us_per_request"], small["proxy_cpu_us_per_request"]
+    per_token = (big_req - small_req) / (big_tokens - small_tokens)
+    return round(small_req - small_tokens * per_token, 1), round(per_token, 2)
+
+
+def _through(name: str, url: str, pids: dict[str, int], body: dict[str, Any], conc: int,
+             requests: int, short: bool) -> dict[str, Any]:
+    """The cpu section's workloads through one gateway: a warm-up, the 256-token run and, if
+    `short`, the same with 16-token answers and the fixed CPU per request they give."""
+    run_load(url, "responses", conc, min(requests, 4 * conc), dict(body, max_output_tokens=16))
+    row: dict[str, Any] = {f"through_{name}": measured(url, "responses", conc, requests, body,
+                                                       pids, deadline=90.0)}
+    if short:
+        small = measured(url, "responses", conc, requests, dict(body, max_output_tokens=16),
+                         pids, deadline=60.0)
+        row[f"through_{name}_16_tokens"] = small
+        split = fixed_and_marginal(row[f"through_{name}"], small)
+        prefix = "proxy" if name == "orp" else name
+        row[f"{prefix}_fixed_cpu_us_per_request"] = split[0] if split else None
+        row[f"{prefix}_marginal_cpu_us_per_token"] = split[1] if split else None
+    return row
+
+
+def _ratio(top: float | None, bottom: float | None, digits: int = 3) -> float | None:
+    return round(top / bottom, digits) if top and bottom else None
+
+
+def section_cpu(scale: float, target: str | None, target_pid: int | None,
+                peer: Peer | None = None) -> dict[str, Any]:
+    """CPU per token and per request, zero-delay 10 streams and paced 20 ms 100 streams, with
+    `store: true`; the same load direct to the mock upstream, and through `peer` if given."""
+    out: dict[str, Any] = {"store": True}
     for label, interval, conc, requests in (("zero_delay_10", 0.0, 10, int(3000 * scale)),
                                             ("paced20_100", 20.0, 100, int(400 * scale))):
-        with mock_upstream(interval) as (up_url, up_pid), \
-                tempfile.TemporaryDirectory() as tmp, \
-                _gateway(up_url, tmp, target, target_pid) as (gw_url, gw_pid):
-            pids = {"proxy": gw_pid, "upstream": up_pid}
-            direct = measured(up_url, "chat", conc, requests, BENCH_BODY, {"upstream": up_pid})
-            through = measured(gw_url, "responses", conc, requests, BENCH_BODY, pids)
-            row = {"direct": direct, "through_orp": through}
-            if direct["tokens_per_s"] and through["tokens_per_s"]:
-                row["throughput_ratio_orp_vs_direct"] = round(
-                    through["tokens_per_s"] / direct["tokens_per_s"], 3)
-            if interval == 0.0:
-                short = dict(BENCH_BODY, max_output_tokens=16)
-                small = measured(gw_url, "responses", conc, requests, short, pids)
-                row["through_orp_16_tokens"] = small
-                big_req = through["proxy_cpu_us_per_request"]
-                small_req = small["proxy_cpu_us_per_request"]
-                per_token = (big_req - small_req) / (TOKENS - 16)
-                row["proxy_fixed_cpu_us_per_request"] = round(small_req - 16 * per_token, 1)
-                row["proxy_marginal_cpu_us_per_token"] = round(per_token, 2)
-            out[label] = row
-            _print(label, row)
+        zero = interval == 0.0
+        with mock_upstream(interval) as (up_url, up_pid):
+            direct = measured(up_url, "chat", conc, requests, STORED_BODY, {"upstream": up_pid},
+                              )
+            row: dict[str, Any] = {"direct": direct}
+            with tempfile.TemporaryDirectory() as tmp, \
+                    _gateway(up_url, tmp, target, target_pid) as (gw_url, gw_pid):
+                row.update(_through("orp", gw_url, {"proxy": gw_pid, "upstream": up_pid},
+                                    STORED_BODY, conc, requests, zero))
+            if peer is not None:
+                with peer_gateway(up_url, peer) as (peer_url, peer_pid):
+                    row.update(_through("peer", peer_url, {"proxy": peer_pid, "upstream": up_pid},
+                                        peer.body(), conc, requests, zero))
+        mock_floor = direct["upstream_cpu_us_per_token"]
+        for name in ("orp", "peer"):
+            through = row.get(f"through_{name}")
+            if through is None:
+                continue
+            row[f"throughput_ratio_{name}_vs_direct"] = _ratio(through["tokens_per_s"],
+                                                               direct["tokens_per_s"])
+            row[f"cpu_per_token_ratio_{name}_vs_mock"] = _ratio(
+                through["proxy_cpu_us_per_token"], mock_floor)
+        if "through_peer" in row:
+            row["cpu_per_token_ratio_peer_vs_orp"] = _ratio(
+                row["through_peer"]["proxy_cpu_us_per_token"],
+                row["through_orp"]["proxy_cpu_us_per_token"], 2)
+        out[label] = row
+        _print(label, row)
     return out
+
+
+def section_burst(scale: float, target: str | None, target_pid: int | None,
+                  peer: Peer | None = None) -> dict[str, Any]:
+    """Time to first byte when 100 paced streams (20 ms, 256 tokens) start together, each on
+    a new connection: direct to the mock upstream and through each gateway, rounds
+    interleaved (the median of the rounds' p50 and p99); then one request alone, for the
+    unloaded added latency."""
+    requests, rounds, singles = 100, (5 if scale >= 1 else 3), (10 if scale >= 1 else 5)
+    with contextlib.ExitStack() as stack:
+        up_url, _ = stack.enter_context(mock_upstream(20.0))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        gw_url, gw_pid = stack.enter_context(_gateway(up_url, tmp, target, target_pid))
+        parties: list[tuple[str, str, str, dict[str, Any], int | None]] = [
+            ("direct", up_url, "chat", STORED_BODY, None),
+            ("orp", gw_url, "responses", STORED_BODY, gw_pid)]
+        if peer is not None:
+            peer_url, peer_pid = stack.enter_context(peer_gateway(up_url, peer))
+            parties.append(("peer", peer_url, "responses", peer.body(), peer_pid))
+        for _, url, kind, body, _pid in parties[1:]:  # warm-up
+            run_load(url, kind, 10, 20, dict(body, max_output_tokens=16))
+        trees = {name: procs.tree(pid) for name, _, _, _, pid in parties if pid is not None}
+        before = {name: procs.tree_cpu_seconds(tree) for name, tree in trees.items()}
+        loaded = run_bursts([Burst(url, kind, requests, body)
+                             for _ in range(rounds) for _, url, kind, body, _ in parties])
+        cpu = {name: procs.tree_cpu_seconds(tree) - before[name] for name, tree in trees.items()}
+        alone = run_bursts([Burst(url, kind, 1, dict(body, max_output_tokens=16))
+                            for _ in range(singles) for _, url, kind, body, _ in parties],
+                           pause=0.05)
+    out: dict[str, Any] = {"requests": requests, "rounds": rounds, "interval_ms": 20.0,
+                           "tokens": TOKENS}
+    single: dict[str, Any] = {"rounds": singles, "tokens": 16}
+    for i, (name, *_rest) in enumerate(parties):
+        mine = loaded[i::len(parties)]
+        p50s = [pct(r.ttfe, 0.5) for r in mine]
+        p99s = [pct(r.ttfe, 0.99) for r in mine]
+        row: dict[str, Any] = {
+            "ttfb_p50_ms": _ms(_median(p50s)), "ttfb_p99_ms": _ms(_median(p99s)),
+            "round_p50_ms": [_ms(v) for v in p50s],
+            "ok": sum(r.ok for r in mine), "errors": sum(r.errors for r in mine)}
+        if name in cpu:
+            row["cpu_us_per_request"] = round(cpu[name] / max(row["ok"], 1) * 1e6, 1)
+        samples = [s for r in mine for s in r.error_samples][:3]
+        if samples:
+            row["error_samples"] = samples
+        out[name] = row
+        firsts = [t for r in alone[i::len(parties)] for t in r.ttfe]
+        single[name] = {"ttfb_p50_ms": _ms(_median(firsts)),
+                        "errors": sum(r.errors for r in alone[i::len(parties)])}
+    for name, *_rest in parties[1:]:
+        out[name]["added_ttfb_p50_ms"] = _minus(out[name]["ttfb_p50_ms"],
+                                                out["direct"]["ttfb_p50_ms"])
+        out[name]["added_ttfb_p99_ms"] = _minus(out[name]["ttfb_p99_ms"],
+                                                out["direct"]["ttfb_p99_ms"])
+        single[name]["added_ttfb_ms"] = _minus(single[name]["ttfb_p50_ms"],
+                                               single["direct"]["ttfb_p50_ms"])
+    out["single"] = single
+    _print("burst", out)
+    return out
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 2)
 
 
 @contextlib.contextmanager
@@ -259,6 +576,9 @@ def _gateway(upstream: str, tmp: str, target: str | None, target_pid: int | None
     if target is not None:
         if target_pid is None:
             raise SystemExit("--target needs --target-pid to measure the gateway's CPU")
+        if PIN.gateway is not None and "target" not in PIN.observed:
+            procs.pin_tree(target_pid, PIN.gateway)  # best effort: it may not be ours
+            PIN.note("target", target_pid)
         yield target, target_pid
         return
     with orp(upstream, os.path.join(tmp, "bench.sqlite3")) as gateway:
@@ -496,7 +816,172 @@ def _print(label: str, row: Any) -> None:
     print(f"== {label}\n{json.dumps(row, indent=1)}", flush=True)
 
 
-SECTIONS = ("cpu", "sweep", "memory", "store", "json", "routing")
+# -- targets (issue 16) and the README's table ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target: `label`, the figure it is judged by (`get` from the results, None when
+    not measured), `op` and `limit`, `unit`."""
+
+    key: str
+    label: str
+    get: Callable[[dict[str, Any]], float | None]
+    op: str  # "<=" | ">=" | "=="
+    limit: float
+    unit: str = ""
+
+
+def _path(*keys: str) -> Callable[[dict[str, Any]], float | None]:
+    def get(results: dict[str, Any]) -> float | None:
+        value: Any = results
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return value if isinstance(value, (int, float)) else None
+    return get
+
+
+def _errors_1000(results: dict[str, Any]) -> float | None:
+    """Errors among 1000 concurrent streams: the sweep's c=1000 rows and the memory run."""
+    found = [_path("sweep", label, "1000", "errors")(results) for label in ("zero_delay",
+                                                                            "paced20")]
+    found.append(_path("memory", "errors")(results))
+    present = [v for v in found if v is not None]
+    return sum(present) if present else None
+
+
+def _peer_vs_orp_zero(results: dict[str, Any]) -> float | None:
+    peer = _path("cpu", "zero_delay_10", "through_peer", "proxy_cpu_us_per_token")(results)
+    orp = _path("cpu", "zero_delay_10", "through_orp", "proxy_cpu_us_per_token")(results)
+    return _ratio(peer, orp, 2)
+
+
+TARGETS = (
+    Target("paced_cpu_per_token_vs_mock", "Paced 20 ms, 100 streams: CPU per token, ORP / mock",
+           _path("cpu", "paced20_100", "cpu_per_token_ratio_orp_vs_mock"), "<=", 1.7, "x"),
+    Target("zero_delay_cpu_per_token", "Zero-delay, 10 streams: CPU per token",
+           _path("cpu", "zero_delay_10", "through_orp", "proxy_cpu_us_per_token"), "<=", 5.0,
+           "µs"),
+    Target("zero_delay_peer_vs_orp", "Zero-delay, 10 streams: peer / ORP CPU per token",
+           _peer_vs_orp_zero, ">=", 10.0, "x"),
+    Target("fixed_cpu_per_request", "Fixed CPU per request (store on, 16-token answer)",
+           _path("cpu", "zero_delay_10", "proxy_fixed_cpu_us_per_request"), "<=", 300.0, "µs"),
+    Target("burst_added_ttfb_p50", "100 streams starting together: added TTFB p50",
+           _path("burst", "orp", "added_ttfb_p50_ms"), "<=", 10.0, "ms"),
+    Target("rss_per_open_stream", "RSS per open paced stream (1000 streams)",
+           _path("memory", "rss_kb_per_open_stream"), "<=", 25.0, "KB"),
+    Target("store_overhead_sqlite_256", "store:true extra CPU, zero-delay, 256 t, SQLite",
+           _path("store", "256_tokens", "store_overhead_pct"), "<=", 10.0, "%"),
+    Target("store_overhead_sqlite_16", "store:true extra CPU, zero-delay, 16 t, SQLite",
+           _path("store", "16_tokens", "store_overhead_pct"), "<=", 10.0, "%"),
+    Target("store_overhead_postgresql_256", "store:true extra CPU, zero-delay, 256 t, PostgreSQL",
+           _path("store_postgresql", "256_tokens", "store_overhead_pct"), "<=", 10.0, "%"),
+    Target("store_overhead_postgresql_16", "store:true extra CPU, zero-delay, 16 t, PostgreSQL",
+           _path("store_postgresql", "16_tokens", "store_overhead_pct"), "<=", 10.0, "%"),
+    Target("paced_throughput_ratio", "Paced 20 ms, 100 streams: throughput ORP / direct",
+           _path("cpu", "paced20_100", "throughput_ratio_orp_vs_direct"), ">=", 0.99, "x"),
+    Target("errors_1000_streams", "1000 concurrent streams: errors", _errors_1000, "==", 0.0),
+)
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    """Each target with its measured figure, threshold and pass/fail ("not measured" when its
+    section did not run)."""
+    out: dict[str, Any] = {}
+    for target in TARGETS:
+        figure = target.get(results)
+        row: dict[str, Any] = {"label": target.label, "threshold": _threshold(target)}
+        if figure is None:
+            row.update(figure=None, result="not measured")
+        else:
+            ok = {"<=": figure <= target.limit, ">=": figure >= target.limit,
+                  "==": figure == target.limit}[target.op]
+            row.update(figure=figure, result="pass" if ok else "fail")
+        out[target.key] = row
+    return out
+
+
+def _threshold(target: Target) -> str:
+    sign = {"<=": "≤", ">=": "≥", "==": "="}[target.op]
+    return f"{sign} {target.limit:g}{(' ' + target.unit) if target.unit else ''}"
+
+
+def _figure(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):  # ratios keep 3 decimals: 0.985 must not read as 0.99
+        text = f"{value:,.{3 if abs(value) < 10 else 1}f}".rstrip("0").rstrip(".")
+    else:
+        text = f"{value:,}"
+    return f"{text} {unit}".strip()
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    machine = results.get("machine", {})
+    pin = results.get("pinning", {})
+    where = (f"gateway on CPU {','.join(map(str, pin['gateway_cpus']))}, mock upstream and "
+             f"load on CPU {','.join(map(str, pin['others_cpus']))}"
+             if pin.get("enabled") else "not pinned")
+    return (f"Measured {results.get('date', '?')} on {machine.get('cores', '?')} cores, Python "
+            f"{machine.get('python', '?')}, {machine.get('platform', '?')}; {where}; "
+            f"load average {machine.get('loadavg', '?')} at the start; "
+            f"{results.get('tokens_per_response', TOKENS)}-token streams, store on; "
+            f"peer: {results.get('peer', {}).get('command', 'none')}.")
+
+
+def table(results: dict[str, Any]) -> str:
+    """The README's table (reStructuredText): the targets, then the figures they are judged
+    against (mock upstream floor, peer), with the machine line."""
+    rows: list[tuple[str, str, str, str]] = []
+    for row in (results.get("targets") or targets(results)).values():
+        target = next(t for t in TARGETS if t.label == row["label"])
+        rows.append((row["label"], _figure(row["figure"], target.unit), row["threshold"],
+                     row["result"]))
+    context = (
+        ("Mock upstream's own CPU per token, zero-delay", "µs",
+         _path("cpu", "zero_delay_10", "direct", "upstream_cpu_us_per_token")),
+        ("Mock upstream's own CPU per token, paced", "µs",
+         _path("cpu", "paced20_100", "direct", "upstream_cpu_us_per_token")),
+        ("ORP CPU per token, paced", "µs",
+         _path("cpu", "paced20_100", "through_orp", "proxy_cpu_us_per_token")),
+        ("Peer CPU per token, zero-delay", "µs",
+         _path("cpu", "zero_delay_10", "through_peer", "proxy_cpu_us_per_token")),
+        ("Peer CPU per token, paced", "µs",
+         _path("cpu", "paced20_100", "through_peer", "proxy_cpu_us_per_token")),
+        ("Peer fixed CPU per request", "µs",
+         _path("cpu", "zero_delay_10", "peer_fixed_cpu_us_per_request")),
+        ("Burst TTFB p50 direct / ORP", "ms", None),
+        ("Peer: 100 streams together, added TTFB p50", "ms",
+         _path("burst", "peer", "added_ttfb_p50_ms")),
+        ("One request alone: added TTFB, ORP", "ms",
+         _path("burst", "single", "orp", "added_ttfb_ms")),
+        ("One request alone: added TTFB, peer", "ms",
+         _path("burst", "single", "peer", "added_ttfb_ms")),
+    )
+    for label, unit, get in context:
+        if get is None:
+            direct = _path("burst", "direct", "ttfb_p50_ms")(results)
+            orp = _path("burst", "orp", "ttfb_p50_ms")(results)
+            if direct is not None and orp is not None:
+                rows.append((label, f"{_figure(direct)} / {_figure(orp)} ms", "—", ""))
+            continue
+        value = get(results)
+        if value is not None:
+            rows.append((label, _figure(value, unit), "—", ""))
+    header = ("Figure", "Measured", "Target", "Result")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(4)]
+    rule = " ".join("=" * w for w in widths)
+
+    def line(cells: Sequence[str]) -> str:
+        return " ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    body = [line(r) for r in rows]
+    return "\n".join([machine_line(results), "", rule, line(header), rule, *body, rule])
+
+
+SECTIONS = ("cpu", "burst", "sweep", "memory", "store", "json", "routing")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -511,17 +996,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store-url", metavar="URL",
                         help="the store section also on this PostgreSQL database "
                              "(postgresql://USER@HOST:PORT/DB), next to SQLite")
+    parser.add_argument("--peer", metavar="COMMAND",
+                        help="a peer gateway measured beside ORP in the cpu and burst sections: "
+                             "a shell command with {upstream}, {port}, {tmp} and {config}")
+    parser.add_argument("--peer-config", metavar="FILE",
+                        help="a template written to {config} for each start of the peer "
+                             "(same substitutions)")
+    parser.add_argument("--peer-model", default="bench", help="the model the peer is asked for")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="leave every process on every CPU")
+    parser.add_argument("--table", metavar="RESULTS",
+                        help="print the README's table from a results file, run nothing")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     scale = 0.25 if args.quick else 1.0
     chosen = args.only or list(SECTIONS)
+    peer = None
+    if args.peer:
+        config = Path(args.peer_config) if args.peer_config else None
+        peer = Peer(args.peer, args.peer_model, config.read_text() if config else None,
+                    config.name if config else "peer-config.yaml")
+    pinning = configure_pinning(not args.no_pin)
     results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+                    "platform": platform.platform(),
+                    "loadavg": " ".join(f"{v:.2f}" for v in os.getloadavg())},
         "tokens_per_response": TOKENS, "target": args.target or "orp (orp-proxy serve)",
+        "quick": args.quick,
     }
+    if peer is not None:
+        results["peer"] = {"command": peer.command, "model": peer.model,
+                           "config": peer.config}
     started = time.time()
     if "cpu" in chosen:
-        results["cpu"] = section_cpu(scale, args.target, args.target_pid)
+        results["cpu"] = section_cpu(scale, args.target, args.target_pid, peer)
+    if "burst" in chosen:
+        results["burst"] = section_burst(scale, args.target, args.target_pid, peer)
     if "sweep" in chosen:
         results["sweep"] = section_sweep(scale, args.target, args.target_pid)
     if "memory" in chosen:
@@ -535,7 +1048,10 @@ def main(argv: list[str] | None = None) -> int:
     if "routing" in chosen and args.target is None:
         results["routing"] = section_routing(scale)
     results["duration_s"] = round(time.time() - started, 1)
+    results["pinning"] = dict(PIN.record(), **pinning)
+    results["targets"] = targets(results)
     Path(args.out).write_text(json.dumps(results, indent=2))
+    print(table(results))
     print(f"results written to {args.out}")
     return 0
 

@@ -203,7 +203,57 @@ def children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            with contextlib.suppress(OSError):  # gone while we looked
+            with contextlib.suppress(OSError, IndexError):  # gone while we looked
                 if int(stat_fields(int(entry))[1]) == pid:
                     found.append(int(entry))
     return sorted(found)
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (a gateway started through a shell, or with workers)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                parents[int(entry)] = int(stat_fields(int(entry))[1])
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def tree_cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU seconds of `pids` together; a process gone meanwhile counts as 0."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+@contextlib.contextmanager
+def affinity(cpus: Sequence[int] | None) -> Iterator[None]:
+    """Processes started inside the block run on `cpus` (children inherit the starting thread's
+    CPU mask, and their threads and children inherit theirs); None changes nothing."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def pin_tree(pid: int, cpus: Sequence[int]) -> list[int]:
+    """Every thread of `pid` and of its descendants onto `cpus` (a process started elsewhere);
+    the PIDs pinned."""
+    pinned = tree(pid)
+    for each in pinned:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{each}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task), cpus)
+    return pinned
