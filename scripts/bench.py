@@ -7,7 +7,8 @@ ratios measured within one run (through ORP vs direct to the upstream). Wall-clo
 
     scripts/bench                       # the full suite, results in bench-results.json
     scripts/bench --quick               # a smaller run
-    scripts/bench --only cpu            # one section: cpu, sweep, memory, store, json, routing
+    scripts/bench --only cpu            # one section: cpu, burst, sweep, memory, store, json,
+                                        # routing (repeatable)
     scripts/bench --target URL --target-pid PID   # the same load against another gateway
     scripts/bench --peer 'COMMAND' [--peer-config FILE] [--peer-model NAME]
                                         # a peer gateway started per section, measured beside ORP
@@ -473,8 +474,7 @@ def section_cpu(scale: float, target: str | None, target_pid: int | None,
                                             ("paced20_100", 20.0, 100, int(400 * scale))):
         zero = interval == 0.0
         with mock_upstream(interval) as (up_url, up_pid):
-            direct = measured(up_url, "chat", conc, requests, STORED_BODY, {"upstream": up_pid},
-                              )
+            direct = measured(up_url, "chat", conc, requests, STORED_BODY, {"upstream": up_pid})
             row: dict[str, Any] = {"direct": direct}
             with tempfile.TemporaryDirectory() as tmp, \
                     _gateway(up_url, tmp, target, target_pid) as (gw_url, gw_pid):
