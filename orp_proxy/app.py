@@ -141,8 +141,9 @@ async def _settle_gc(app: web.Application) -> None:
     """Once the worker is up: its startup objects (modules, settings, pools) move out of the
     collector's sight, and young collections run ten times less often. A stream allocates
     dicts and strings per token; with the default threshold the collector ran every few
-    requests, re-examining the same long-lived objects each time."""
-    gc.collect()  # only what is alive is frozen, not garbage waiting for a collection
+    requests, re-examining the same long-lived objects each time. (No collection first: in a
+    process that already runs a loop, as under tests, collecting could close a leaked
+    transport's socket behind its selector's back.)"""
     gc.freeze()
     gc.set_threshold(7000, 10, 10)
 
