@@ -803,6 +803,10 @@ def _save_together(batch: list[_PendingSave], conn: sqlite3.Connection
                    ) -> list[Exception | None]:
     """The batch in one IMMEDIATE transaction, each record in its own savepoint; raises
     `_TransactionLost` if SQLite undid the transaction itself (then nothing was written)."""
+    if len(batch) == 1:
+        # Alone, a failed record fails its whole transaction: no savepoint needed (two
+        # statements fewer, the common case when requests finish one at a time).
+        return [_save_alone(batch[0], conn)]
     errors: list[Exception | None] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
