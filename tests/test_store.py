@@ -311,8 +311,9 @@ async def test_failed_transaction_rolls_back(
         await store.save_response(record("resp_1", OWNER))
     monkeypatch.undo()
     assert await store.get_response(OWNER, "resp_1") is None
-    # The connection is not left inside a transaction.
+    # The connections are not left inside a transaction.
     assert not store._db.in_transaction
+    assert store._now is not None and not store._now.in_transaction
     await store.save_response(record("resp_2", OWNER))
     assert await store.get_response(OWNER, "resp_2") is not None
 
@@ -871,8 +872,15 @@ async def test_concurrent_saves_share_transactions_and_a_bad_one_fails_alone(
 ) -> None:
     store = sqlite_store
     begins: list[str] = []
-    await store._db.set_trace_callback(
-        lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None)
+
+    def trace(sql: str) -> None:
+        if sql.startswith("BEGIN"):
+            begins.append(sql)
+
+    # Saves are written on the event loop's connection, or in the thread's when that one waits.
+    await store._db.set_trace_callback(trace)
+    assert store._now is not None
+    store._now.set_trace_callback(trace)
     good = [record(f"resp_{i}", OWNER) for i in range(50)]
     bad = record("resp_bad", OWNER)
     bad.previous_response_id = ["not", "a", "string"]  # type: ignore[assignment]
@@ -881,6 +889,7 @@ async def test_concurrent_saves_share_transactions_and_a_bad_one_fails_alone(
                                    *(store.save_response(r) for r in good[25:]),
                                    return_exceptions=True)
     await store._db.set_trace_callback(None)
+    store._now.set_trace_callback(None)
     assert isinstance(results[25], sqlite3.Error)
     assert [r for i, r in enumerate(results) if i != 25] == [None] * 50
     for rec in good:
@@ -888,6 +897,28 @@ async def test_concurrent_saves_share_transactions_and_a_bad_one_fails_alone(
     assert await store.get_response(OWNER, "resp_bad") is None
     # Group commit: 51 saves queued together need far fewer than 51 transactions.
     assert 1 <= len(begins) <= 3, begins
+
+
+async def test_saves_are_written_on_the_event_loop_when_the_lock_is_free(
+        sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No trip to the connection's thread for a save nobody else's write holds up; its WAL
+    frames are checkpointed by the thread every `_CHECKPOINT_SAVES` saves (the loop's
+    connection never checkpoints: that syncs the file)."""
+    store = sqlite_store
+    monkeypatch.setattr(store_module, "_CHECKPOINT_SAVES", 3)
+    on_loop: list[str] = []
+    in_thread: list[str] = []
+    assert store._now is not None
+    store._now.set_trace_callback(on_loop.append)
+    await store._db.set_trace_callback(in_thread.append)
+    for i in range(4):
+        await store.save_response(record(f"resp_{i}", OWNER, None if i == 0 else f"resp_{i - 1}"))
+    await store._db.set_trace_callback(None)
+    store._now.set_trace_callback(None)
+    assert on_loop.count("BEGIN IMMEDIATE") == 4 and on_loop.count("COMMIT") == 4
+    assert [sql for sql in in_thread if not sql.startswith("PRAGMA wal_checkpoint")] == []
+    assert len(in_thread) == 1
+    assert len(texts(await store.load_lineage(OWNER, "resp_3"))) == 8
 
 
 async def test_close_writes_every_queued_save_first(store_url: str) -> None:
