@@ -161,6 +161,10 @@ async def test_pragmas(sqlite_store: SQLiteStore, db_path: str) -> None:
     assert await pragma("foreign_keys") == 1
     assert await pragma("synchronous") == 1  # NORMAL
     assert await pragma("busy_timeout") == 5000
+    # The event loop's write connection: same durability, never waits, never checkpoints.
+    assert sqlite_store._now is not None
+    assert [sqlite_store._now.execute(f"PRAGMA {name}").fetchone()[0] for name in (
+        "synchronous", "foreign_keys", "busy_timeout", "wal_autocheckpoint")] == [1, 1, 0, 0]
     # WAL is a property of the file: a fresh connection sees it too.
     with closing(sqlite3.connect(db_path)) as plain:
         assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -12,6 +12,14 @@ and of half-written rows:
   at once, without waiting for the busy timeout.
 * One asyncio lock serialises all statements on the write connection, so no statement runs inside
   another request's transaction; reads never touch that connection, so never see uncommitted data.
+* Saves (group-committed, see `_write_pending_saves`) are written on the event loop through a
+  third, plain sqlite3 connection with `busy_timeout` 0, holding that same lock: a thread trip
+  costs more CPU than the inserts. When another process holds the write lock, BEGIN fails at
+  once and the batch goes to the write connection's thread, which waits as before. That
+  connection never checkpoints (a checkpoint syncs the file); the thread does, every 100 saves.
+  Durability is the same on both: a committed save survives the process crashing; a power loss
+  may lose the last commits since the latest checkpoint (WAL with `synchronous=NORMAL`), never
+  the database.
 * A save that hits `SQLITE_FULL` (which undoes the whole transaction, not only the statement)
   does not take its group-commit batch down with it: the batch is written again one save per
   transaction, and the log names the full disk.
