@@ -201,6 +201,12 @@ ON CONFLICT (id) DO UPDATE SET
 RETURNING rid
 """
 
+_INSERT_RESPONSE_SQL = """
+INSERT INTO responses
+    (id, owner, previous_response_id, created_at, status, expires_at, response)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+
 _INSERT_ITEM_SQL = (
     "INSERT INTO items (response_rid, kind, seq, item_id, body) VALUES (?, ?, ?, ?, ?)"
 )
@@ -1039,8 +1045,14 @@ def _encode_record(record: StoredResponse
 
 def _upsert_record(params: tuple[Any, ...], items: list[tuple[int, int, str | None, str]],
                    conn: sqlite3.Connection) -> None:
-    (rid,) = conn.execute(_UPSERT_RESPONSE_SQL, params).fetchall()[0]
-    conn.execute("DELETE FROM items WHERE response_rid = ?", (rid,)).fetchall()
+    try:
+        # Nearly every save is of a new response: one plain INSERT, no items to delete.
+        rid = conn.execute(_INSERT_RESPONSE_SQL, params).lastrowid
+    except sqlite3.IntegrityError:
+        # Saved before (or another constraint failed: the upsert raises that again). Only
+        # the failed statement was undone; the transaction goes on.
+        (rid,) = conn.execute(_UPSERT_RESPONSE_SQL, params).fetchall()[0]
+        conn.execute("DELETE FROM items WHERE response_rid = ?", (rid,)).fetchall()
     if items:
         conn.executemany(_INSERT_ITEM_SQL, [(rid, *row) for row in items])
 
