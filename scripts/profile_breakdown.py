@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", choices=("true", "false"), default="true")
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--native", action="store_true", help="sample C frames too")
+    parser.add_argument("--keep", metavar="PATH", help="keep py-spy's raw samples here")
     args = parser.parse_args(argv)
     spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
     if spy is None:
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         recorder.send_signal(2)
         recorder.wait(30)
         counts = breakdown(raw)
+        if args.keep:
+            shutil.copyfile(raw, args.keep)
     total = sum(counts.values()) or 1
     per_token, per_request = row["proxy_cpu_us_per_token"], row["proxy_cpu_us_per_request"]
     print(f"{args.requests} requests, {args.concurrency} concurrent, {args.tokens} tokens, "
