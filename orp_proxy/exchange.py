@@ -74,6 +74,9 @@ class Exchange:
     first_token_at: float | None = None
     # Response headers that describe the exchange (X-ORP-Dropped-Tools), for HTTP transports.
     headers: dict[str, str] = field(default_factory=dict)
+    # `response.created`/`in_progress`, held back to leave with the first output when the
+    # upstream's body had already arrived at the start (one write instead of two).
+    _opening: list[Event] = field(default_factory=list)
 
     async def pump(self, deliver: Callable[[list[Event]], Awaitable[None]]) -> None:
         """Feed every upstream chunk, delivering events per read; the terminal events are left
@@ -85,9 +88,12 @@ class Exchange:
                 for chunk in batch:
                     tc.feed(chunk)
                 events = tc.take()
+                if events and self.first_token_at is None:
+                    self.first_token_at = time.monotonic()
+                if self._opening:  # held for the first read only, whatever it brought
+                    events = self._opening + events
+                    self._opening = []
                 if events:
-                    if self.first_token_at is None:
-                        self.first_token_at = time.monotonic()
                     try:
                         await deliver(events)
                     except Exception as exc:
@@ -122,7 +128,8 @@ class Exchange:
 
     async def settle(self) -> list[Event]:
         """Persist the final response (shielded), then hand back the remaining events."""
-        events = self.transcoder.take()
+        events = self._opening + self.transcoder.take()
+        self._opening = []
         if self.persist is None:
             return events
         try:
@@ -185,7 +192,10 @@ class Exchange:
         tc = self.transcoder
         tc.start()
         try:
-            await transport.send(tc.take())
+            if self.upstream.body_arrived():
+                self._opening = tc.take()
+            else:  # the model is still thinking: the client hears of its response now
+                await transport.send(tc.take())
             await self.pump(transport.send)
             if tc.dropped_calls:
                 log.info("response %s: %d tool call(s) past max_tool_calls / "

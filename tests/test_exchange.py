@@ -17,9 +17,13 @@ from orp_proxy.store import StoredResponse
 class FakeUpstream:
     saw_done = True
 
-    def __init__(self, batches: list[list[dict[str, Any]]]) -> None:
+    def __init__(self, batches: list[list[dict[str, Any]]], *, arrived: bool = False) -> None:
         self._batches = batches
         self.closed = False
+        self.arrived = arrived
+
+    def body_arrived(self) -> bool:
+        return self.arrived
 
     async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
         for batch in self._batches:
@@ -41,9 +45,28 @@ class SlowStore:
         await asyncio.sleep(0.2)
 
 
-def exchange(store: SlowStore, batches: list[list[dict[str, Any]]]) -> Exchange:
-    return Exchange(Transcoder(build_response({}, model="m")), FakeUpstream(batches),  # type: ignore[arg-type]
-                    Persistence(store, "owner", []))  # type: ignore[arg-type]
+def exchange(store: SlowStore | None, batches: list[list[dict[str, Any]]], *,
+             arrived: bool = False) -> Exchange:
+    return Exchange(Transcoder(build_response({}, model="m")),
+                    FakeUpstream(batches, arrived=arrived),  # type: ignore[arg-type]
+                    Persistence(store, "owner", []) if store else None)  # type: ignore[arg-type]
+
+
+class Recorder:
+    """A transport that records what each write would carry."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[str]] = []
+
+    async def send(self, events: list[Event]) -> None:
+        self.writes.append([e["type"] for e in events])
+
+    async def finish(self, events: list[Event]) -> None:
+        self.writes.append([e["type"] for e in events] + ["[DONE]"])
+
+
+OPENING = ["response.created", "response.in_progress"]
+TEXT = [{"choices": [{"delta": {"content": "hi"}}]}]
 
 
 DONE = [[{"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]}]]
@@ -74,3 +97,36 @@ async def test_client_gone_mid_stream_saves_incomplete_once() -> None:
     await ex.interrupted()
     assert store.saved == ["incomplete"]
     assert ex.upstream.closed  # type: ignore[attr-defined]
+
+
+async def test_the_opening_events_leave_at_once_while_the_upstream_is_silent() -> None:
+    transport = Recorder()
+    await exchange(None, [TEXT, DONE[0]]).run(transport)
+    assert transport.writes[0] == OPENING
+    assert transport.writes[1][0] == "response.output_item.added"
+
+
+async def test_the_opening_events_ride_with_the_first_output_when_it_is_already_here() -> None:
+    transport = Recorder()
+    ex = exchange(None, [TEXT, DONE[0]], arrived=True)
+    response = await ex.run(transport)
+    assert transport.writes[0][:3] == [*OPENING, "response.output_item.added"]
+    assert transport.writes[-1][-2:] == ["response.completed", "[DONE]"]
+    flat = [t for write in transport.writes for t in write]
+    assert flat.count("response.created") == 1 and response["status"] == "completed"
+    assert ex.first_token_at is not None
+
+
+async def test_held_opening_events_wait_for_the_first_read_only() -> None:
+    # A first read with nothing to show (a role chunk, half a line): the opening events leave
+    # then, not with the first token, however long the model takes for it.
+    transport = Recorder()
+    await exchange(SlowStore(), [[], TEXT, DONE[0]], arrived=True).run(transport)
+    assert transport.writes[0] == OPENING
+    assert transport.writes[1][0] == "response.output_item.added"
+
+
+async def test_held_opening_events_still_lead_when_the_body_ends_at_once() -> None:
+    transport = Recorder()
+    await exchange(SlowStore(), [], arrived=True).run(transport)  # no read left at all
+    assert transport.writes == [[*OPENING, "response.completed", "[DONE]"]]

@@ -38,16 +38,22 @@ class SSETransport:
         self.streams: StreamRegistry = request.app[STREAMS]
         self.live: LiveStream | None = None
 
+    async def _start(self) -> LiveStream:
+        await self.resp.prepare(self.request)
+        self.request[STREAM_STARTED] = True
+        live = self.live = self.streams.open(self.request, self.resp)
+        return live
+
     async def send(self, events: list[Event]) -> None:
         live = self.live
         if live is None:
-            await self.resp.prepare(self.request)
-            self.request[STREAM_STARTED] = True
-            live = self.live = self.streams.open(self.request, self.resp)
+            live = await self._start()
         await self.resp.write(encode_events(events))
         live.writes += 1
 
     async def finish(self, events: list[Event]) -> None:
+        if self.live is None:  # everything in one write: the opening events were held back
+            await self._start()
         self.close()
         # The last events, `[DONE]` and the end of the chunked body in one write.
         await self.resp.write_eof(encode_events(events) + DONE_BLOCK)

@@ -219,6 +219,10 @@ class UpstreamStream:
         # Which configured deployment answers (`upstream/model`), for the access line.
         self.deployment: str | None = None
 
+    def body_arrived(self) -> bool:
+        """Whether some of the streamed body is already here, waiting to be read."""
+        return not self._json and self.response.content.total_bytes > 0
+
     def _done(self) -> None:
         done, self.on_done = self.on_done, None
         if done is not None:
