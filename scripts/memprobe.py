@@ -123,19 +123,30 @@ def _report_allocators(idle: dict[str, int], busy: dict[str, int], n: int) -> No
 
 
 def _dict_shapes() -> collections.Counter[str]:
+    """Dicts by their first keys, lists by length and first item's type, coroutines and
+    generators by name: bytes and counts."""
     shapes: collections.Counter[str] = collections.Counter()
     for obj in gc.get_objects():
-        if type(obj) is dict:
-            keys = sorted(map(str, obj))[:6]
-            shapes[",".join(keys)[:90]] += sys.getsizeof(obj)
-            shapes["#" + ",".join(keys)[:90]] += 1
+        kind = type(obj)
+        if kind is dict:
+            key = "dict {" + ",".join(sorted(map(str, obj))[:6])[:90] + "}"
+        elif kind is list:
+            key = f"list len {min(len(obj), 10)} of {type(obj[0]).__name__ if obj else '-'}"
+        elif kind.__name__ in ("coroutine", "async_generator", "generator"):
+            key = f"{kind.__name__} {getattr(obj, '__qualname__', '?')}"
+        elif kind.__name__ == "deque":
+            key = f"deque maxlen {obj.maxlen} len {min(len(obj), 10)}"
+        else:
+            continue
+        shapes[key] += sys.getsizeof(obj)
+        shapes["#" + key] += 1
     return shapes
 
 
 def _report_dicts(idle: Any, n: int, top: int) -> None:
     busy = _dict_shapes()
     diff = {k: busy[k] - idle.get(k, 0) for k in busy if not k.startswith("#")}
-    print("\n-- dicts by (first sorted) keys")
+    print("\n-- dicts, lists, coroutines, deques by shape")
     for key, size in sorted(diff.items(), key=lambda kv: -kv[1])[:top]:
         count = busy["#" + key] - idle.get("#" + key, 0)
         print(f"{size / n:9.0f} B/stream {count / n:7.2f} obj/stream  {{{key}}}")
@@ -200,8 +211,16 @@ async def _main(args: argparse.Namespace) -> None:
             idle_trace = tracemalloc.take_snapshot() if args.trace else None
             half = args.streams // 2
             started = time.monotonic()
+            body = dict(bench.BENCH_BODY)
+            if args.input_kb:
+                # A conversation of that size: a message per KB, as an agent's context grows.
+                body["input"] = [{"role": "user" if i % 2 == 0 else "assistant",
+                                  "content": f"turn {i} " + "lorem ipsum " * 84}
+                                 for i in range(args.input_kb)]
+            if args.store:
+                body["store"] = True
             pending = pool.map_async(bench._load_entry, [
-                bench.LoadSpec(url, "responses", half, half, bench.BENCH_BODY)] * 2)
+                bench.LoadSpec(url, "responses", half, half, body)] * 2)
             lifetime = bench.TOKENS * args.interval_ms / 1000
             peak = 0
             registry = runner.app[STREAMS]
@@ -270,6 +289,9 @@ def main() -> None:
     parser.add_argument("--trace", type=int, default=0, help="tracemalloc frames (0: off)")
     parser.add_argument("--at", type=float, default=0.0,
                         help="take the plateau this many seconds after the load started")
+    parser.add_argument("--input-kb", type=int, default=0,
+                        help="requests carry a conversation of about this many KB")
+    parser.add_argument("--store", action="store_true", help="store: true")
     parser.add_argument("--dicts", action="store_true", help="dicts by their keys")
     parser.add_argument("--watch", action="store_true", help="RSS timeline only")
     parser.add_argument("--top", type=int, default=30)
