@@ -12,6 +12,7 @@ from orp_proxy.errors import ApiError
 from orp_proxy.ops.access import ACCESS, incoming_request_id
 from orp_proxy.ops.admission import ADMISSION
 from orp_proxy.ops.auth import bearer_token
+from orp_proxy.protocol.media import media_type
 from orp_proxy.protocol.sse import json_bytes
 from orp_proxy.state import GATEWAY
 
@@ -30,9 +31,10 @@ async def read_json_body(request: web.Request, limit: int) -> Any:
     """The body parsed as JSON, with 415 / 413 / 400 for the wrong kind of body, 408 for one
     that does not arrive within `ORP_BODY_READ_TIMEOUT`, and 503 past the worker's cap on
     request bytes in flight (the reservation lasts until the request ends)."""
-    if request.content_type != "application/json":
+    content_type = media_type(request.headers.get("Content-Type"))
+    if content_type != "application/json":
         raise ApiError(415, "Request bodies must be JSON with 'Content-Type: application/json' "
-                       f"(got '{request.content_type}').", code="unsupported_media_type")
+                       f"(got '{content_type}').", code="unsupported_media_type")
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
                        code="request_too_large")
@@ -43,13 +45,10 @@ async def read_json_body(request: web.Request, limit: int) -> Any:
         else None
     try:
         if request.content.is_eof():
-            raw = await request.read()  # all of it has arrived: no timer to arm and cancel
+            raw = await _read_body(request, limit)  # all here: no timer to arm and cancel
         else:
             async with asyncio.timeout(timeout):
-                raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
-                       code="request_too_large") from None
+                raw = await _read_body(request, limit)
     except TimeoutError:
         # The rest of the body may still trickle in: the connection cannot be reused.
         raise ApiError(408, f"The request body did not arrive within {timeout:g} seconds.",
@@ -66,6 +65,21 @@ async def read_json_body(request: web.Request, limit: int) -> Any:
                   else "")
         raise ApiError(400, f"The request body is not valid JSON.{detail}",
                        code="invalid_json") from None
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, 413 past `limit` bytes. Not `request.read()`: that keeps its copy on
+    the request as long as the request lives, which for a stream is the whole stream."""
+    content = request.content
+    parts: list[bytes] = []
+    size = 0
+    while data := await content.readany():
+        size += len(data)
+        if size > limit:
+            raise ApiError(413, f"The request body is larger than the limit of {limit} bytes.",
+                           code="request_too_large")
+        parts.append(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def credential(request: web.Request) -> str | None:

@@ -38,6 +38,7 @@ from orp_proxy.errors import (
     ApiError,
 )
 from orp_proxy.protocol.chunks import PlainText
+from orp_proxy.protocol.media import media_type
 from orp_proxy.protocol.sse_lines import DONE, LineTooLong, SSELineBuffer
 
 log = logging.getLogger("orp.upstream")
@@ -211,7 +212,8 @@ class UpstreamStream:
         # A non-streamed answer is one JSON document: held to the bound of one stream line.
         self._max_json = max_line_bytes
         self._scrub = scrub
-        self._json = not response.content_type.startswith("text/event-stream")
+        self._json = not media_type(response.headers.get("Content-Type")).startswith(
+            "text/event-stream")
         self.saw_done = False
         self._released = False
         # Called once when the stream is released or closed (the router's in-flight count).
@@ -605,7 +607,7 @@ class UpstreamClient:
                     error, retry_after_seconds(response.headers.get("Retry-After")),
                     status=status, refused=status in (429, 503))
             raise error
-        content_type = response.content_type
+        content_type = media_type(response.headers.get("Content-Type"))
         if not (content_type.startswith("text/event-stream") or content_type.endswith("json")):
             response.close()
             raise ApiError(502, "The upstream model server answered with an unexpected "
