@@ -87,6 +87,10 @@ class Exchange:
             async for batch in stream.batches():
                 for chunk in batch:
                     tc.feed(chunk)
+                # Nothing of a read stays referenced while the next is awaited, which takes the
+                # model's time: the chunks, the events (memory per open stream).
+                del batch
+                chunk = None
                 events = tc.take()
                 if events and self.first_token_at is None:
                     self.first_token_at = time.monotonic()
@@ -98,6 +102,7 @@ class Exchange:
                         await deliver(events)
                     except Exception as exc:
                         raise _DeliveryFailed() from exc
+                    del events
             stream.release()
             if stream.saw_done or tc.saw_finish_reason:
                 tc.finish()

@@ -246,8 +246,11 @@ class UpstreamStream:
         loads = ujson.loads
         plain = PlainText()
         payload = b""
+        # `readany` straight, not `iter_any()`: one coroutine less per read, and one less
+        # frame held by every open stream while it waits.
+        readany = self.response.content.readany
         try:
-            async for data in self.response.content.iter_any():
+            while data := await readany():
                 batch: list[Any] = []
                 try:
                     for payload in lines.feed(data):
@@ -271,6 +274,11 @@ class UpstreamStream:
                 yield batch
                 if self.saw_done:
                     return
+                # The next read may be a model's think away: meanwhile nothing of this one
+                # (its bytes, its chunks) stays referenced (memory per open stream).
+                del batch
+                data = payload = b""
+                chunk = None
             tail = []
             try:
                 for payload in lines.flush():
