@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from orp_proxy.protocol.resource import build_response
 from orp_proxy.protocol.sse_lines import DONE, SSELineBuffer
-from orp_proxy.protocol.transcoder import ToolNotAllowed, Transcoder
+from orp_proxy.protocol.transcoder import ToolNotAllowed, Transcoder, _Text
 from orp_proxy.upstream.mock import (
     encode_sse,
     reasoning_chunks,
@@ -653,3 +653,20 @@ def test_reasoning_item_carries_status() -> None:
     added = next(e for e in events if e["type"] == "response.output_item.added")
     assert added["item"]["status"] == "in_progress"
     assert events[-1]["response"]["output"][0]["status"] == "completed"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=5), st.booleans()), max_size=600))
+def test_accumulated_text_is_the_pieces_joined(steps: list[tuple[str, bool]]) -> None:
+    """However many pieces (joined in chunks, chunks merged) and wherever the value is read
+    mid-way, it is exactly the pieces so far, in order."""
+    text = _Text()
+    so_far = ""
+    for piece, look in steps:
+        text.append(piece)
+        so_far += piece
+        if look:
+            assert text.value() == so_far
+        assert len(text.pieces) < 16 and len(text.chunks) < 9
+    assert text.value() == so_far
+    assert bool(text) == bool(steps)

@@ -78,8 +78,10 @@ def _text(value: Any, field: str) -> str:
 class _Text:
     """Accumulated text of a part or a call's arguments, joined once at the end.
 
-    Not one small str per token until then (memory per open stream): every 64 pieces are
-    joined into one chunk, so each character is copied twice in all, whatever the length.
+    Not one small str per token until then (memory per open stream: a token's str costs
+    more than its text): every 16 pieces are joined into a chunk, and every 8 chunks into one
+    string, so an open stream holds its text as one string and at most 23 small ones. The
+    text so far is copied once per 112 pieces; a 32K-token answer copies some 18 MB in all.
     """
 
     __slots__ = ("chunks", "pieces")
@@ -91,9 +93,12 @@ class _Text:
     def append(self, text: str) -> None:
         pieces = self.pieces
         pieces.append(text)
-        if len(pieces) >= 64:
-            self.chunks.append("".join(pieces))
+        if len(pieces) >= 16:
+            chunks = self.chunks
+            chunks.append("".join(pieces))
             pieces.clear()
+            if len(chunks) >= 8:
+                chunks[:] = ["".join(chunks)]
 
     def __bool__(self) -> bool:
         return bool(self.pieces or self.chunks)
