@@ -44,9 +44,16 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     exchange = await start_exchange(gateway, body, owner=owner, history=history, request_id=rid,
                                     authorization=request.get(UPSTREAM_AUTHORIZATION),
                                     client_headers=request.headers)
-    attach_exchange(request, exchange, stream=bool(body.get("stream")))
+    stream = bool(body.get("stream"))
+    attach_exchange(request, exchange, stream=stream)
     headers = {"X-Request-Id": rid, **exchange.headers}
-    if body.get("stream"):
+    # The response may take minutes. Everything it needs is in the exchange (the new items in
+    # its Persistence, if stored); the body, the history and the items are not held meanwhile
+    # (memory per open stream: a long conversation is most of a request's bytes).
+    del body, history
+    if not gateway.settings.log_content:  # the access line's `input` with ORP_LOG_CONTENT
+        exchange.new_items = []  # else only a WebSocket connection keeps them, as context
+    if stream:
         return await stream_events(exchange, request, headers)
     return json_response(await exchange.collect(), headers=headers)
 
