@@ -27,8 +27,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench  # noqa: E402
-import procs  # noqa: E402
+import bench
+import procs
 
 
 def _by_type() -> collections.Counter[str]:
@@ -249,13 +249,18 @@ async def _main(args: argparse.Namespace) -> None:
                 print("timeline:", ", ".join(timeline))
                 return
             open_streams = len(registry)
+            # Requests in progress (connections of the load), streaming or about to: each
+            # costs its connection's memory whether or not its events have started.
+            assert runner.server is not None
+            connections = len(runner.server.connections)
             busy_rss = procs.rss_kb(os.getpid())
             busy_alloc = _allocators()
             _report_backlog(registry)
             busy_types = _by_type()
             busy_trace = tracemalloc.take_snapshot() if args.trace else None
-            n = max(open_streams, 1)
-            print(f"open streams {open_streams}; RSS idle {idle_rss / 1024:.1f} MB, "
+            n = max(connections, 1)
+            print(f"open streams {open_streams}, connections {connections} (the divisor); "
+                  f"RSS idle {idle_rss / 1024:.1f} MB, "
                   f"plateau {busy_rss / 1024:.1f} MB, peak {peak / 1024:.1f} MB: "
                   f"{(busy_rss - idle_rss) / n:.1f} KB/stream "
                   f"(peak {(peak - idle_rss) / n:.1f})")
