@@ -198,6 +198,21 @@ def rss_kb(pid: int) -> int:
     return int(found.group(1)) if found else 0
 
 
+def tcp_connections(remote_port: int) -> int:
+    """Established TCP connections on this machine (IPv4 and IPv6) whose far end is
+    `remote_port`: e.g. a gateway's connections to its upstream."""
+    count = 0
+    wanted = f":{remote_port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines, None)  # the header
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == "01" and fields[2].endswith(wanted):
+                    count += 1
+    return count
+
+
 def children(pid: int) -> list[int]:
     """PIDs whose parent is `pid` (gunicorn's workers)."""
     found = []
