@@ -11,7 +11,7 @@ admitted, whatever its size, so a cap below the body limit cannot lock a request
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -56,18 +56,31 @@ class Admission:
         self.take_bytes(size)
         request[_RESERVED] = request.get(_RESERVED, 0) + size
 
-    @contextlib.contextmanager
-    def response(self, size: int = 0) -> Iterator[None]:
-        """A slot for one running response holding `size` bytes, or the 503."""
-        if self.max_responses and self.responses >= self.max_responses:
-            raise overloaded(f"{self.max_responses} responses at once")
-        self.take_bytes(size)
-        self.responses += 1
-        try:
-            yield
-        finally:
-            self.responses -= 1
-            self.release_bytes(size)
+    def response(self, size: int = 0) -> _Slot:
+        """A slot for one running response holding `size` bytes (entering it raises the 503)."""
+        return _Slot(self, size)
+
+
+class _Slot:
+    """`Admission.response`: a plain object, not a generator and its context manager, since
+    every open stream holds one for its whole life (memory per open stream)."""
+
+    __slots__ = ("admission", "size")
+
+    def __init__(self, admission: Admission, size: int) -> None:
+        self.admission = admission
+        self.size = size
+
+    def __enter__(self) -> None:
+        admission = self.admission
+        if admission.max_responses and admission.responses >= admission.max_responses:
+            raise overloaded(f"{admission.max_responses} responses at once")
+        admission.take_bytes(self.size)
+        admission.responses += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.admission.responses -= 1
+        self.admission.release_bytes(self.size)
 
 
 ADMISSION = web.AppKey("orp_admission", Admission)
