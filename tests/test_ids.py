@@ -1,9 +1,10 @@
-"""Random ids: 128 bits each, never repeated, not shared with a forked child."""
+"""Ids: time-ordered, 80 random bits each, never repeated, not shared with a forked child."""
 
 from __future__ import annotations
 
 import os
 import re
+import time
 
 from orp_proxy.ids import random_hex
 from orp_proxy.protocol.resource import new_id
@@ -29,3 +30,12 @@ def test_a_forked_child_draws_its_own_bytes() -> None:
     os.waitpid(pid, 0)
     parent = "".join(random_hex() for _ in range(4))
     assert len(child) == 128 and child != parent
+
+
+def test_ids_sort_by_creation_time_and_start_with_it() -> None:
+    first = random_hex()
+    time.sleep(0.003)
+    later = [random_hex() for _ in range(50)]
+    assert all(first[:12] < i[:12] for i in later)
+    assert abs(int(first[:12], 16) - time.time_ns() // 1_000_000) < 60_000
+    assert len({i[12:] for i in later}) == 50  # the random part differs within a millisecond
