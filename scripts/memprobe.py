@@ -54,6 +54,16 @@ def _report_types(idle: collections.Counter[str], busy: collections.Counter[str]
         print(f"{size / n:9.0f} B/stream {count / n:7.2f} obj/stream  {key}")
 
 
+def _print_sites(stats: list[Any], n: int, *, with_line: bool) -> None:
+    """tracemalloc differences per stream, one line each: where, bytes and blocks."""
+    for stat in stats:
+        frame = stat.traceback[0]
+        where = frame.filename.split("site-packages/")[-1]
+        if with_line:
+            where += f":{frame.lineno}"
+        print(f"{stat.size_diff / n:9.0f} B/stream {stat.count_diff / n:7.2f} blk/stream  {where}")
+
+
 def _report_trace(idle: tracemalloc.Snapshot, busy: tracemalloc.Snapshot, n: int,
                   top: int) -> None:
     filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
@@ -62,16 +72,9 @@ def _report_trace(idle: tracemalloc.Snapshot, busy: tracemalloc.Snapshot, n: int
     stats = busy.compare_to(idle, "lineno")
     total = sum(s.size_diff for s in stats)
     print(f"\n-- tracemalloc: +{total / n / 1024:.1f} KB/stream traced, by line")
-    for stat in stats[:top]:
-        frame = stat.traceback[0]
-        print(f"{stat.size_diff / n:9.0f} B/stream {stat.count_diff / n:7.2f} blk/stream  "
-              f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}")
-    stats = busy.compare_to(idle, "filename")
+    _print_sites(stats[:top], n, with_line=True)
     print("\n-- tracemalloc: by file")
-    for stat in stats[:top]:
-        frame = stat.traceback[0]
-        print(f"{stat.size_diff / n:9.0f} B/stream {stat.count_diff / n:7.2f} blk/stream  "
-              f"{frame.filename.split('site-packages/')[-1]}")
+    _print_sites(busy.compare_to(idle, "filename")[:top], n, with_line=False)
     stats = busy.compare_to(idle, "traceback")
     print("\n-- tracemalloc: biggest by traceback (innermost last)")
     for stat in stats[:max(8, top // 3)]:
