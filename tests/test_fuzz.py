@@ -69,8 +69,11 @@ def live_orp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveOrp]:
 
     async def start() -> tuple[LiveOrp, list[web.AppRunner]]:
         mock, mock_runner, mock_url = await start_mock_upstream()
+        # No upstream probe: its first log line comes from this thread at a moment when
+        # pytest may have closed the stream it captured for the test then running.
         app = build_app(Settings(upstream_url=mock_url, db_path=str(db), auth_mode="none",
-                                 upstream_retries=0, max_body_bytes=MAX_BODY))
+                                 upstream_retries=0, max_body_bytes=MAX_BODY,
+                                 upstream_probe_interval=0))
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
