@@ -48,7 +48,8 @@ from orp_proxy.store.base import (
     check_page,
     page_bounds,
 )
-from orp_proxy.store.encoding import dumps, item_id, loads_list
+from orp_proxy.store.encoding import OUTPUT as _OUTPUT
+from orp_proxy.store.encoding import encode_record, loads_list
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "is_unavailable"]
 
@@ -56,8 +57,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-_INPUT = 0
-_OUTPUT = 1
 _MAX_LINEAGE_DEPTH = 100_000
 _PURGE_BATCH = 500
 _SAVE_BATCH = 64
@@ -860,19 +859,7 @@ class PostgresStore:
 
     def _pending_save(self, record: StoredResponse) -> _PendingSave:
         """`record` encoded for the `responses` and `items` tables (every write of a record)."""
-        response = dict(record.response)
-        output = response.get("output")
-        if output is None:
-            output = []
-        elif not isinstance(output, list):
-            raise TypeError("response['output'] must be a list of items")
-        if "output" in response:
-            response["output"] = []
-        items = [(_INPUT, seq, item_id(item), dumps(item))
-                 for seq, item in enumerate(record.input_items)]
-        items += [(_OUTPUT, seq, item_id(item), dumps(item)) for seq, item in enumerate(output)]
-        params = (record.id, record.owner, record.previous_response_id, int(record.created_at),
-                  record.status, record.expires_at, dumps(response))
+        params, items = encode_record(record)
         return _PendingSave(record.id, params, items, asyncio.get_running_loop().create_future())
 
     async def close(self) -> None:

@@ -71,7 +71,8 @@ from orp_proxy.store.base import (
     check_page,
     page_bounds,
 )
-from orp_proxy.store.encoding import dumps, item_id, loads_list
+from orp_proxy.store.encoding import OUTPUT as _OUTPUT
+from orp_proxy.store.encoding import encode_record, loads_list
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -86,8 +87,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-_INPUT = 0
-_OUTPUT = 1
 
 # Guards the recursive walk against a cycle in previous_response_id (which the gateway never
 # creates, but a hand-edited database could); far above any real conversation.
@@ -417,7 +416,7 @@ class SQLiteStore:
 
     async def save_response(self, record: StoredResponse) -> None:
         """Insert or replace `record` with its input and output items in one transaction."""
-        params, encoded = _encode_record(record)
+        params, encoded = encode_record(record)
         if self._closing:
             raise RuntimeError("response store is closed")
         pending = _PendingSave(params, encoded, asyncio.get_running_loop().create_future())
@@ -628,7 +627,7 @@ class SQLiteStore:
     async def start_run(self, record: StoredResponse, events: Sequence[StoredEvent], *,
                         worker: str, lease_until: float) -> None:
         """The queued response, its run and its first events, in one transaction."""
-        params, items = _encode_record(record)
+        params, items = encode_record(record)
         rows = [(record.id, e.seq, e.body) for e in events]
         run = (record.id, record.owner, worker, lease_until, max((e.seq for e in events),
                                                                  default=-1))
@@ -643,7 +642,7 @@ class SQLiteStore:
 
     async def update_response(self, record: StoredResponse) -> None:
         """One transaction: the row's object and status, and the output items replaced."""
-        params, items = _encode_record(record)
+        params, items = encode_record(record)
         outputs = [row for row in items if row[0] == _OUTPUT]
 
         def work(conn: sqlite3.Connection) -> None:
@@ -1013,34 +1012,6 @@ def _looks_like_sqlite(path: str) -> bool:
 
 def _open_error(path: str, exc: sqlite3.Error) -> ConfigError:
     return ConfigError(f"ORP_DB_PATH={path}: cannot open the SQLite store ({exc})")
-
-
-def _encode_record(record: StoredResponse
-                   ) -> tuple[tuple[Any, ...], list[tuple[int, int, str | None, str]]]:
-    """The `responses` row parameters and the encoded item rows of `record` (done before
-    taking the lock: JSON encoding of large items is the slow part)."""
-    response = dict(record.response)
-    output = response.get("output")
-    if output is None:
-        output = []
-    elif not isinstance(output, list):
-        raise TypeError("response['output'] must be a list of items")
-    if "output" in response:
-        response["output"] = []
-    rows = [(_INPUT, seq, item) for seq, item in enumerate(record.input_items)] + [
-        (_OUTPUT, seq, item) for seq, item in enumerate(output)
-    ]
-    encoded = [(kind, seq, item_id(item), dumps(item)) for kind, seq, item in rows]
-    params = (
-        record.id,
-        record.owner,
-        record.previous_response_id,
-        int(record.created_at),
-        record.status,
-        record.expires_at,
-        dumps(response),
-    )
-    return params, encoded
 
 
 def _upsert_record(params: tuple[Any, ...], items: list[tuple[int, int, str | None, str]],
