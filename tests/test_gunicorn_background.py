@@ -156,6 +156,19 @@ async def _until_in_progress(client: openai.AsyncOpenAI, response_id: str) -> No
     raise AssertionError(f"{response_id} never became in_progress")
 
 
+async def _until_ended_after_kill(client: openai.AsyncOpenAI, response_id: str,
+                                  killed: float) -> Any:
+    """The response once it is no longer in progress; its worker was killed at `killed`
+    (monotonic), so that takes the lease plus one look by a survivor, with slack for a
+    loaded machine."""
+    while True:
+        got = await client.responses.retrieve(response_id)
+        if got.status != "in_progress":
+            return got
+        assert time.monotonic() - killed < 4 * LEASE, got.status
+        await asyncio.sleep(0.05)
+
+
 def _check_output(server: Gunicorn) -> None:
     output = server.output()
     assert "Traceback" not in output and "database is locked" not in output.lower()
@@ -257,13 +270,7 @@ async def test_sigkill_of_the_running_worker_fails_the_response(server: Gunicorn
         follower = asyncio.create_task(_read_all(other, created.id, events))
         os.kill(first_pid, signal.SIGKILL)
         killed = time.monotonic()
-        while True:
-            got = await other.responses.retrieve(created.id)
-            if got.status != "in_progress":
-                break
-            # Lease plus one look by the survivor, plus slack for a loaded machine.
-            assert time.monotonic() - killed < 4 * LEASE, got.status
-            await asyncio.sleep(0.05)
+        got = await _until_ended_after_kill(other, created.id, killed)
         ended = time.monotonic() - killed
         assert got.status == "failed" and got.error is not None
         assert got.error.code == "worker_lost"  # type: ignore[comparison-overlap]
@@ -401,12 +408,6 @@ async def test_postgres_host_loss_fails_its_responses(two_hosts: tuple[Gunicorn,
         assert pid in first_host.worker_pids
         await _until_in_progress(other, created.id)
         os.kill(pid, signal.SIGKILL)
-        killed = time.monotonic()
-        while True:
-            got = await other.responses.retrieve(created.id)
-            if got.status != "in_progress":
-                break
-            assert time.monotonic() - killed < 4 * LEASE, got.status
-            await asyncio.sleep(0.05)
+        got = await _until_ended_after_kill(other, created.id, time.monotonic())
         assert got.status == "failed" and got.error is not None
         assert got.error.code == "worker_lost"  # type: ignore[comparison-overlap]
