@@ -156,6 +156,18 @@ async def _until_in_progress(client: openai.AsyncOpenAI, response_id: str) -> No
     raise AssertionError(f"{response_id} never became in_progress")
 
 
+async def _first_events(stream: Any, count: int) -> list[Any]:
+    """The first `count` events of an SDK event stream, which is then closed (the client goes
+    away; a background response runs on)."""
+    seen: list[Any] = []
+    async for event in stream:
+        seen.append(event)
+        if len(seen) == count:
+            break
+    await stream.close()
+    return seen
+
+
 async def _until_ended_after_kill(client: openai.AsyncOpenAI, response_id: str,
                                   killed: float) -> Any:
     """The response once it is no longer in progress; its worker was killed at `killed`
@@ -182,12 +194,7 @@ async def test_stream_resumed_on_the_other_worker(server: Gunicorn) -> None:
         stream = await first.responses.create(
             model="mock", input=" ".join(WORDS), background=True, stream=True,
             extra_headers={"X-Request-Id": "bg-create"})
-        seen = []
-        async for event in stream:
-            seen.append(event)
-            if len(seen) == 10:
-                break
-        await stream.close()
+        seen = await _first_events(stream, 10)
         assert _run_pid(server, seen[0].response.id) == first_pid
         cursor = seen[-1].sequence_number
         resumed = await other.responses.retrieve(
@@ -351,12 +358,7 @@ async def test_postgres_resume_on_the_other_host(two_hosts: tuple[Gunicorn, Guni
     async with _host_clients(two_hosts) as (first, other):
         stream = await first.responses.create(model="mock", input=" ".join(WORDS),
                                               background=True, stream=True)
-        seen = []
-        async for event in stream:
-            seen.append(event)
-            if len(seen) == 10:
-                break
-        await stream.close()
+        seen = await _first_events(stream, 10)
         assert await _pg_run_pid(pg_url, seen[0].response.id) in first_host.worker_pids
         resumed = await other.responses.retrieve(seen[0].response.id, stream=True,
                                                  starting_after=seen[-1].sequence_number)
