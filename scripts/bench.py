@@ -945,13 +945,14 @@ def machine_line(results: dict[str, Any]) -> str:
 
 def table(results: dict[str, Any]) -> str:
     """The README's table (reStructuredText): the targets, then the figures they are judged
-    against (mock upstream floor, peer), with the machine line."""
+    against (mock upstream floor, peer), with the machine line; a row of several figures
+    (a / b) shows when all of them were measured."""
     rows: list[tuple[str, str, str, str]] = []
     for row in (results.get("targets") or targets(results)).values():
         target = next(t for t in TARGETS if t.label == row["label"])
         rows.append((row["label"], _figure(row["figure"], target.unit), row["threshold"],
                      row["result"]))
-    context = (
+    context: tuple[tuple[Any, ...], ...] = (  # label, unit, the figures' getters
         ("Mock upstream's own CPU per token, zero-delay", "µs",
          _path("cpu", "zero_delay_10", "direct", "upstream_cpu_us_per_token")),
         ("Mock upstream's own CPU per token, paced", "µs",
@@ -964,7 +965,8 @@ def table(results: dict[str, Any]) -> str:
          _path("cpu", "paced20_100", "through_peer", "proxy_cpu_us_per_token")),
         ("Peer fixed CPU per request", "µs",
          _path("cpu", "zero_delay_10", "peer_fixed_cpu_us_per_request")),
-        ("Burst TTFB p50 direct / ORP", "ms", None),
+        ("Burst TTFB p50 direct / ORP", "ms", _path("burst", "direct", "ttfb_p50_ms"),
+         _path("burst", "orp", "ttfb_p50_ms")),
         ("Peer: 100 streams together, added TTFB p50", "ms",
          _path("burst", "peer", "added_ttfb_p50_ms")),
         ("One request alone: added TTFB, ORP", "ms",
@@ -972,16 +974,10 @@ def table(results: dict[str, Any]) -> str:
         ("One request alone: added TTFB, peer", "ms",
          _path("burst", "single", "peer", "added_ttfb_ms")),
     )
-    for label, unit, get in context:
-        if get is None:
-            direct = _path("burst", "direct", "ttfb_p50_ms")(results)
-            orp = _path("burst", "orp", "ttfb_p50_ms")(results)
-            if direct is not None and orp is not None:
-                rows.append((label, f"{_figure(direct)} / {_figure(orp)} ms", "—", ""))
-            continue
-        value = get(results)
-        if value is not None:
-            rows.append((label, _figure(value, unit), "—", ""))
+    for label, unit, *getters in context:
+        values = [get(results) for get in getters]
+        if None not in values:
+            rows.append((label, f"{' / '.join(map(_figure, values))} {unit}", "—", ""))
     header = ("Figure", "Measured", "Target", "Result")
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(4)]
     rule = " ".join("=" * w for w in widths)
