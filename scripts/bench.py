@@ -12,6 +12,7 @@ ratios measured within one run (through ORP vs direct to the upstream). Wall-clo
     scripts/bench --target URL --target-pid PID   # the same load against another gateway
     scripts/bench --peer 'COMMAND' [--peer-config FILE] [--peer-model NAME]
                                         # a peer gateway started per section, measured beside ORP
+    scripts/bench --no-floor            # without the stack floor (scripts/floor_gateway.py)
     scripts/bench --only store --store-url postgresql://orp@127.0.0.1:5432/bench
                                         # store costs on SQLite and on PostgreSQL
     scripts/bench --table bench-results.json    # the README's table from a results file
@@ -20,6 +21,10 @@ On a machine with 2 or more CPUs the gateway process (ORP or the peer, with its 
 on the first CPU, the mock upstream, the load generators and this harness on the others
 (`--no-pin`: no pinning). `targets` in the results lists issue 16's targets with the figure each
 is judged by, its threshold and whether it passed.
+
+The stack floor, `scripts/floor_gateway.py` (an aiohttp relay on ORP's mandated stack doing the
+least a gateway can), is measured beside ORP like a peer in the cpu, burst and memory sections:
+the part of each figure the stack costs before ORP does anything.
 
 Everything listens on 127.0.0.1; every loop is bounded in count and time.
 """
@@ -34,6 +39,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shlex
 import signal
 import statistics
 import subprocess
@@ -137,17 +143,25 @@ def orp(upstream: str | None, db: str, store_url: str | None = None, **settings:
 class Peer:
     """Another gateway, started per section by a shell `command` in which `{upstream}` (the
     mock's base URL with /v1), `{port}`, `{tmp}` (a directory of its own) and `{config}` (the
-    `config` template written there, same substitutions) are replaced."""
+    `config` template written there, same substitutions) are replaced; `name` keys its
+    figures in the results (`through_NAME`, ...)."""
 
     command: str
     model: str = "bench"
     config: str | None = None
     config_name: str = "peer-config.yaml"
+    name: str = "peer"
 
     def body(self, **extra: Any) -> dict[str, Any]:
         """The Responses body the peer gets: ORP's without `store` (a peer may not keep
         responses, or need a database to)."""
         return {"model": self.model, "input": "benchmark", **extra}
+
+
+FLOOR_GATEWAY = procs.ROOT / "scripts" / "floor_gateway.py"
+# The stack floor, started as a peer is: this interpreter has its packages.
+FLOOR = Peer(f"exec {shlex.quote(sys.executable)} {shlex.quote(str(FLOOR_GATEWAY))} "
+             "--upstream {upstream} --port {port}", name="floor")
 
 
 def substitute(template: str, values: dict[str, str]) -> str:
@@ -181,15 +195,15 @@ def peer_gateway(upstream: str, peer: Peer) -> Iterator[tuple[str, int]]:
             try:
                 procs.wait_port(port, proc, timeout=PEER_START_TIMEOUT)
             except (RuntimeError, TimeoutError) as exc:
-                raise RuntimeError(f"peer did not start: {exc}\n"
+                raise RuntimeError(f"{peer.name} did not start: {exc}\n"
                                    f"{log.read_text(errors='replace')[-3000:]}") from None
             url = f"http://{procs.HOST}:{port}/v1"
             # One short stream must work before anything is measured.
             check = run_load(url, "responses", 1, 2, peer.body(max_output_tokens=16))
             if check.errors or not check.tokens:
-                raise RuntimeError(f"peer answers no stream: {check.error_samples}\n"
+                raise RuntimeError(f"{peer.name} answers no stream: {check.error_samples}\n"
                                    f"{log.read_text(errors='replace')[-3000:]}")
-            PIN.note("peer", max(procs.tree(proc.pid)))
+            PIN.note(peer.name, max(procs.tree(proc.pid)))
             yield url, proc.pid
 
 
@@ -466,9 +480,10 @@ def _ratio(top: float | None, bottom: float | None, digits: int = 3) -> float | 
 
 
 def section_cpu(scale: float, target: str | None, target_pid: int | None,
-                peer: Peer | None = None) -> dict[str, Any]:
+                peers: Sequence[Peer] = ()) -> dict[str, Any]:
     """CPU per token and per request, zero-delay 10 streams and paced 20 ms 100 streams, with
-    `store: true`; the same load direct to the mock upstream, and through `peer` if given."""
+    `store: true`; the same load direct to the mock upstream, and through each of `peers`
+    (the stack floor, a peer gateway)."""
     out: dict[str, Any] = {"store": True}
     for label, interval, conc, requests in (("zero_delay_10", 0.0, 10, int(3000 * scale)),
                                             ("paced20_100", 20.0, 100, int(400 * scale))):
@@ -480,12 +495,13 @@ def section_cpu(scale: float, target: str | None, target_pid: int | None,
                     _gateway(up_url, tmp, target, target_pid) as (gw_url, gw_pid):
                 row.update(_through("orp", gw_url, {"proxy": gw_pid, "upstream": up_pid},
                                     STORED_BODY, conc, requests, zero))
-            if peer is not None:
+            for peer in peers:
                 with peer_gateway(up_url, peer) as (peer_url, peer_pid):
-                    row.update(_through("peer", peer_url, {"proxy": peer_pid, "upstream": up_pid},
+                    row.update(_through(peer.name, peer_url,
+                                        {"proxy": peer_pid, "upstream": up_pid},
                                         peer.body(), conc, requests, zero))
         mock_floor = direct["upstream_cpu_us_per_token"]
-        for name in ("orp", "peer"):
+        for name in ("orp", *(peer.name for peer in peers)):
             through = row.get(f"through_{name}")
             if through is None:
                 continue
@@ -497,13 +513,16 @@ def section_cpu(scale: float, target: str | None, target_pid: int | None,
             row["cpu_per_token_ratio_peer_vs_orp"] = _ratio(
                 row["through_peer"]["proxy_cpu_us_per_token"],
                 row["through_orp"]["proxy_cpu_us_per_token"], 2)
+        if "floor_fixed_cpu_us_per_request" in row:
+            row["orp_own_fixed_cpu_us_per_request"] = _minus(
+                row["proxy_fixed_cpu_us_per_request"], row["floor_fixed_cpu_us_per_request"])
         out[label] = row
         _print(label, row)
     return out
 
 
 def section_burst(scale: float, target: str | None, target_pid: int | None,
-                  peer: Peer | None = None) -> dict[str, Any]:
+                  peers: Sequence[Peer] = ()) -> dict[str, Any]:
     """Time to first byte when 100 paced streams (20 ms, 256 tokens) start together, each on
     a new connection: direct to the mock upstream and through each gateway, rounds
     interleaved (the median of the rounds' p50 and p99); then one request alone, for the
@@ -516,9 +535,9 @@ def section_burst(scale: float, target: str | None, target_pid: int | None,
         parties: list[tuple[str, str, str, dict[str, Any], int | None]] = [
             ("direct", up_url, "chat", STORED_BODY, None),
             ("orp", gw_url, "responses", STORED_BODY, gw_pid)]
-        if peer is not None:
+        for peer in peers:
             peer_url, peer_pid = stack.enter_context(peer_gateway(up_url, peer))
-            parties.append(("peer", peer_url, "responses", peer.body(), peer_pid))
+            parties.append((peer.name, peer_url, "responses", peer.body(), peer_pid))
         for _, url, kind, body, _pid in parties[1:]:  # warm-up
             run_load(url, kind, 10, 20, dict(body, max_output_tokens=16))
         trees = {name: procs.tree(pid) for name, _, _, _, pid in parties if pid is not None}
@@ -603,9 +622,28 @@ def section_sweep(scale: float, target: str | None, target_pid: int | None) -> d
     return out
 
 
-def section_memory(scale: float, target: str | None, target_pid: int | None
-                   ) -> dict[str, Any]:
-    """RSS of the proxy per concurrent open stream: 1000 slow streams held open at once.
+def section_memory(scale: float, target: str | None, target_pid: int | None,
+                   floor: Peer | None = None) -> dict[str, Any]:
+    """RSS of the proxy per concurrent open stream: 1000 slow streams held open at once; the
+    same through the stack `floor` if given (under "floor"), against a mock of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        row = _open_streams_rss(lambda up_url: _gateway(up_url, tmp, target, target_pid),
+                                BENCH_BODY)
+    _print("memory", row)
+    if floor is not None:
+        row[floor.name] = _open_streams_rss(lambda up_url: peer_gateway(up_url, floor),
+                                            floor.body())
+        _print(f"memory {floor.name}", row[floor.name])
+    return row
+
+
+# Starts a gateway against an upstream (its base URL) and yields the gateway's URL and PID.
+GatewayStart = Callable[[str], contextlib.AbstractContextManager[tuple[str, int]]]
+
+
+def _open_streams_rss(gateway: GatewayStart, body: dict[str, Any]) -> dict[str, Any]:
+    """RSS per open stream of the gateway `gateway(upstream)` starts (its URL and PID), with
+    1000 slow streams of `body` held open at once.
 
     Each stream lasts ~10 s (256 tokens at 40 ms); the plateau is the middle of that window.
     Not every stream is open by then on a busy machine (some upstream connects wait seconds
@@ -616,10 +654,9 @@ def section_memory(scale: float, target: str | None, target_pid: int | None
     """
     streams = 1000
     interval_ms = 40.0
-    with mock_upstream(interval_ms) as (up_url, _), tempfile.TemporaryDirectory() as tmp, \
-            _gateway(up_url, tmp, target, target_pid) as (gw_url, gw_pid):
+    with mock_upstream(interval_ms) as (up_url, _), gateway(up_url) as (gw_url, gw_pid):
         up_port = int(up_url.rsplit(":", 1)[1].split("/", 1)[0])
-        run_load(gw_url, "responses", 20, 40, BENCH_BODY)  # warm up allocator and pools
+        run_load(gw_url, "responses", 20, 40, body)  # warm up allocator and pools
         time.sleep(1.0)
         idle = procs.rss_kb(gw_pid) * 1024
         ctx = multiprocessing.get_context("spawn")
@@ -628,7 +665,7 @@ def section_memory(scale: float, target: str | None, target_pid: int | None
         try:
             started = time.monotonic()
             pending = pool.map_async(_load_entry, [
-                LoadSpec(gw_url, "responses", streams // 2, streams // 2, BENCH_BODY)] * 2)
+                LoadSpec(gw_url, "responses", streams // 2, streams // 2, body)] * 2)
             while not pending.ready() and time.monotonic() - started < 90:
                 samples.append((time.monotonic() - started, procs.rss_kb(gw_pid) * 1024,
                                 procs.tcp_connections(up_port)))
@@ -645,17 +682,15 @@ def section_memory(scale: float, target: str | None, target_pid: int | None
         plateau = [(max(rss for _, rss, _ in samples), streams)]
     middle = statistics.median(rss for rss, _ in plateau)
     peak = max(rss for _, rss, _ in samples)
-    row = {"streams": streams, "idle_rss_mb": round(idle / 2**20, 1),
-           "plateau_rss_mb": round(middle / 2**20, 1), "peak_rss_mb": round(peak / 2**20, 1),
-           "plateau_open_streams": round(statistics.median(n for _, n in plateau)),
-           "rss_kb_per_open_stream": round(
-               statistics.median((rss - idle) / min(n, streams) for rss, n in plateau) / 1024,
-               1),
-           "rss_kb_per_stream_of_1000": round((middle - idle) / streams / 1024, 1),
-           "peak_rss_kb_per_stream": round((peak - idle) / streams / 1024, 1),
-           "errors": errors}
-    _print("memory", row)
-    return row
+    return {"streams": streams, "idle_rss_mb": round(idle / 2**20, 1),
+            "plateau_rss_mb": round(middle / 2**20, 1), "peak_rss_mb": round(peak / 2**20, 1),
+            "plateau_open_streams": round(statistics.median(n for _, n in plateau)),
+            "rss_kb_per_open_stream": round(
+                statistics.median((rss - idle) / min(n, streams) for rss, n in plateau) / 1024,
+                1),
+            "rss_kb_per_stream_of_1000": round((middle - idle) / streams / 1024, 1),
+            "peak_rss_kb_per_stream": round((peak - idle) / streams / 1024, 1),
+            "errors": errors}
 
 
 def section_store(scale: float, store_url: str | None = None) -> dict[str, Any]:
@@ -945,8 +980,8 @@ def machine_line(results: dict[str, Any]) -> str:
 
 def table(results: dict[str, Any]) -> str:
     """The README's table (reStructuredText): the targets, then the figures they are judged
-    against (mock upstream floor, peer), with the machine line; a row of several figures
-    (a / b) shows when all of them were measured."""
+    against (mock upstream floor, stack floor, peer), with the machine line; a row of several
+    figures (a / b) shows when all of them were measured."""
     rows: list[tuple[str, str, str, str]] = []
     for row in (results.get("targets") or targets(results)).values():
         target = next(t for t in TARGETS if t.label == row["label"])
@@ -959,6 +994,17 @@ def table(results: dict[str, Any]) -> str:
          _path("cpu", "paced20_100", "direct", "upstream_cpu_us_per_token")),
         ("ORP CPU per token, paced", "µs",
          _path("cpu", "paced20_100", "through_orp", "proxy_cpu_us_per_token")),
+        ("Stack floor (aiohttp relay): fixed CPU per request", "µs",
+         _path("cpu", "zero_delay_10", "floor_fixed_cpu_us_per_request")),
+        ("ORP's own fixed CPU per request (ORP \N{MINUS SIGN} floor)", "µs",
+         _path("cpu", "zero_delay_10", "orp_own_fixed_cpu_us_per_request")),
+        ("Stack floor: CPU per token, zero-delay / paced", "µs",
+         _path("cpu", "zero_delay_10", "through_floor", "proxy_cpu_us_per_token"),
+         _path("cpu", "paced20_100", "through_floor", "proxy_cpu_us_per_token")),
+        ("Stack floor: RSS per open paced stream", "KB",
+         _path("memory", "floor", "rss_kb_per_open_stream")),
+        ("Stack floor: 100 streams together, added TTFB p50", "ms",
+         _path("burst", "floor", "added_ttfb_p50_ms")),
         ("Peer CPU per token, zero-delay", "µs",
          _path("cpu", "zero_delay_10", "through_peer", "proxy_cpu_us_per_token")),
         ("Peer CPU per token, paced", "µs",
@@ -1011,6 +1057,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a template written to {config} for each start of the peer "
                              "(same substitutions)")
     parser.add_argument("--peer-model", default="bench", help="the model the peer is asked for")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="leave out the stack floor (scripts/floor_gateway.py), measured "
+                             "beside ORP in the cpu, burst and memory sections by default")
     parser.add_argument("--no-pin", action="store_true",
                         help="leave every process on every CPU")
     parser.add_argument("--table", metavar="RESULTS",
@@ -1026,6 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
         config = Path(args.peer_config) if args.peer_config else None
         peer = Peer(args.peer, args.peer_model, config.read_text() if config else None,
                     config.name if config else "peer-config.yaml")
+    floor = None if args.no_floor else FLOOR
+    peers = [each for each in (floor, peer) if each is not None]
     pinning = configure_pinning(not args.no_pin)
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1038,15 +1089,17 @@ def main(argv: list[str] | None = None) -> int:
     if peer is not None:
         results["peer"] = {"command": peer.command, "model": peer.model,
                            "config": peer.config}
+    if floor is not None:
+        results["floor"] = {"command": floor.command}
     started = time.time()
     if "cpu" in chosen:
-        results["cpu"] = section_cpu(scale, args.target, args.target_pid, peer)
+        results["cpu"] = section_cpu(scale, args.target, args.target_pid, peers)
     if "burst" in chosen:
-        results["burst"] = section_burst(scale, args.target, args.target_pid, peer)
+        results["burst"] = section_burst(scale, args.target, args.target_pid, peers)
     if "sweep" in chosen:
         results["sweep"] = section_sweep(scale, args.target, args.target_pid)
     if "memory" in chosen:
-        results["memory"] = section_memory(scale, args.target, args.target_pid)
+        results["memory"] = section_memory(scale, args.target, args.target_pid, floor)
     if "store" in chosen and args.target is None:
         results["store"] = section_store(scale)
         if args.store_url:

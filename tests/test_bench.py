@@ -1,11 +1,20 @@
 """scripts/bench's bookkeeping: targets judged from a results file, the README table, the
-peer's template substitution (no timing: nothing here runs a benchmark)."""
+peer's template substitution; the stack floor (scripts/floor_gateway.py) relaying the mock
+upstream's streams (no timing: nothing here runs a benchmark)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from scripts import bench
+import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from scripts import bench, floor_gateway, procs
 
 
 def _results() -> dict[str, Any]:
@@ -108,3 +117,156 @@ def test_peer_templates_keep_their_own_braces() -> None:
         'api_base: "http://127.0.0.1:9/v1"\nextra: {"a": 8080}\nfile: /tmp/x/c {other}')
     assert bench.Peer("x", model="m").body(max_output_tokens=16) == {
         "model": "m", "input": "benchmark", "max_output_tokens": 16}
+    # The stack floor is started as a peer is, and never asked to store.
+    assert bench.FLOOR.name == "floor" and bench.FLOOR.body() == {"model": "bench",
+                                                                  "input": "benchmark"}
+    assert str(bench.FLOOR_GATEWAY) in bench.FLOOR.command
+
+
+# -- the stack floor -------------------------------------------------------------------------
+
+
+def _with_floor(results: dict[str, Any]) -> dict[str, Any]:
+    """`results` with the stack floor's figures, as section_cpu, _burst and _memory give them."""
+    results["cpu"]["zero_delay_10"].update(
+        through_floor={"proxy_cpu_us_per_token": 3.25}, floor_fixed_cpu_us_per_request=500.0,
+        orp_own_fixed_cpu_us_per_request=-150.0)
+    results["cpu"]["paced20_100"]["through_floor"] = {"proxy_cpu_us_per_token": 31.5}
+    results["memory"]["floor"] = {"rss_kb_per_open_stream": 18.5, "errors": 0}
+    results["burst"]["floor"] = {"ttfb_p50_ms": 88.0, "added_ttfb_p50_ms": 8.0}
+    return results
+
+
+FLOOR_ROWS = {
+    "Stack floor (aiohttp relay): fixed CPU per request": "500 µs",
+    "ORP's own fixed CPU per request (ORP \N{MINUS SIGN} floor)": "-150 µs",
+    "Stack floor: CPU per token, zero-delay / paced": "3.25 / 31.5 µs",
+    "Stack floor: RSS per open paced stream": "18.5 KB",
+    "Stack floor: 100 streams together, added TTFB p50": "8 ms",
+}
+
+
+def _table_rows(results: dict[str, Any]) -> dict[str, list[str]]:
+    """The table's rows by label: [figure, target, result], split on its columns' rules."""
+    lines = bench.table(results).splitlines()
+    rule = next(line for line in lines if line.startswith("="))
+    starts = [i for i, c in enumerate(rule) if c == "=" and (i == 0 or rule[i - 1] == " ")]
+    cells = [[line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+             for line in lines if line and not line.startswith(("=", "Measured"))]
+    return {row[0]: row[1:] for row in cells}
+
+
+def test_table_shows_the_stack_floor_beside_the_targets_figures() -> None:
+    rows = _table_rows(_with_floor(_results()))
+    for label, figure in FLOOR_ROWS.items():
+        assert rows[label] == [figure, "—", ""], label
+    labels = list(rows)
+    # In the reference part, after every target; the floor's figures judge nothing.
+    last_target = max(labels.index(t.label) for t in bench.TARGETS)
+    assert all(labels.index(label) > last_target for label in FLOOR_ROWS)
+    assert bench.targets(_with_floor(_results())) == bench.targets(_results())
+    # A run without the floor (--no-floor) has none of its rows; one figure missing of a
+    # "zero-delay / paced" pair leaves that row out.
+    assert not set(FLOOR_ROWS) & set(_table_rows(_results()))
+    partial = _with_floor(_results())
+    del partial["cpu"]["paced20_100"]["through_floor"]
+    assert "Stack floor: CPU per token, zero-delay / paced" not in _table_rows(partial)
+
+
+def test_cpu_section_measures_the_floor_beside_orp_with_the_same_workloads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """section_cpu's bookkeeping with its processes and loads faked: each gateway costs a
+    fixed part per request plus a part per token, the figures the table reads come out."""
+    cost = {"orp": (1000.0, 10.0), "floor": (400.0, 3.0)}  # fixed µs, µs per token
+    bodies: dict[str, list[dict[str, Any]]] = {"orp": [], "floor": []}
+
+    @contextlib.contextmanager
+    def started(name: str) -> Iterator[tuple[str, int]]:
+        yield f"http://{name}/v1", 1
+
+    def measured(url: str, kind: str, concurrency: int, requests: int, body: dict[str, Any],
+                 pids: dict[str, int], **_: Any) -> dict[str, Any]:
+        tokens = body.get("max_output_tokens", bench.TOKENS)
+        name = url.split("/")[2]
+        fixed, per_token = cost.get(name, (0.0, 0.0))
+        if name in bodies:
+            bodies[name].append(body)
+        return {"ok": requests, "tokens": requests * tokens, "tokens_per_s": 1000.0,
+                "upstream_cpu_us_per_token": 1.0,
+                "proxy_cpu_us_per_request": fixed + per_token * tokens,
+                "proxy_cpu_us_per_token": round(fixed / tokens + per_token, 2)}
+
+    monkeypatch.setattr(bench, "mock_upstream", lambda interval: started("up"))
+    monkeypatch.setattr(bench, "_gateway", lambda *args: started("orp"))
+    monkeypatch.setattr(bench, "peer_gateway", lambda upstream, peer: started(peer.name))
+    monkeypatch.setattr(bench, "run_load", lambda *args, **kwargs: bench.LoadResult())
+    monkeypatch.setattr(bench, "measured", measured)
+    monkeypatch.setattr(bench, "_print", lambda label, row: None)
+
+    cpu = bench.section_cpu(0.01, None, None, [bench.FLOOR])
+    zero, paced = cpu["zero_delay_10"], cpu["paced20_100"]
+    assert (zero["proxy_fixed_cpu_us_per_request"], zero["floor_fixed_cpu_us_per_request"],
+            zero["orp_own_fixed_cpu_us_per_request"]) == (1000.0, 400.0, 600.0)
+    assert zero["floor_marginal_cpu_us_per_token"] == 3.0
+    assert zero["through_floor_16_tokens"]["tokens"] == zero["through_orp_16_tokens"]["tokens"]
+    assert paced["through_floor"]["proxy_cpu_us_per_token"] == 4.56  # 400 / 256 + 3
+    assert "through_floor_16_tokens" not in paced  # as ORP's: no short run when paced
+    assert paced["cpu_per_token_ratio_floor_vs_mock"] == 4.56
+    # The same workloads, the floor without `store` (a peer's body).
+    assert [b.get("max_output_tokens") for b in bodies["floor"]] == [
+        b.get("max_output_tokens") for b in bodies["orp"]]
+    assert all(b["store"] for b in bodies["orp"]) and not any("store" in b
+                                                              for b in bodies["floor"])
+    rows = _table_rows({"cpu": cpu})
+    assert rows["Stack floor: CPU per token, zero-delay / paced"][0] == "4.56 / 4.56 µs"
+    assert rows["ORP's own fixed CPU per request (ORP \N{MINUS SIGN} floor)"][0] == "600 µs"
+
+
+def test_stack_floor_relays_the_mock_upstreams_tokens(tmp_path: Path) -> None:
+    """The floor as the bench starts it, against the bundled mock upstream as its own
+    process: the load generator counts as many tokens through it as direct, and
+    max_output_tokens caps the answer."""
+    body = bench.FLOOR.body()
+    with procs.mock_upstream(tmp_path) as (upstream, _), \
+            bench.peer_gateway(upstream, bench.FLOOR) as (url, _pid):
+        direct = bench.run_load(upstream, "chat", 2, 4, body)
+        full = bench.run_load(url, "responses", 2, 4, body)
+        short = bench.run_load(url, "responses", 2, 4, dict(body, max_output_tokens=16))
+    assert (direct.ok, full.ok, short.ok) == (4, 4, 4), (full.error_samples, short.error_samples)
+    assert direct.tokens == full.tokens == 4 * bench.TOKENS
+    assert short.tokens == 4 * 16
+
+
+async def test_stack_floor_marks_whole_lines_only(aiohttp_server: AiohttpServer,
+                                                  aiohttp_client: AiohttpClient) -> None:
+    """A read that cuts a token line in two still has it marked once, the request is sent
+    upstream as a streaming chat completion, and the last bytes (no newline) are not lost."""
+    pieces = [b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+              b'data: {"choices":[{"delta":{"con',
+              b'tent":" w0"}}]}\n',
+              b'\ndata: {"choices":[{"delta":{"content":" w1"}}]}\n\ndata: [DONE]']
+    received: list[Any] = []
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        received.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in pieces:
+            await response.write(piece)
+            await asyncio.sleep(0.05)  # each piece its own read at the floor
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    client = await aiohttp_client(floor_gateway.build_app(str(server.make_url("/v1/"))))
+    async with client.post("/v1/responses", json={"model": "m", "input": "hi",
+                                                  "max_output_tokens": 3}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        data = await resp.read()
+    assert data == b"".join(pieces).replace(floor_gateway.TOKEN, floor_gateway.MARKED)
+    assert data.count(bench.RESPONSES_DELTA) == 2
+    assert received == [{"model": "m", "stream": True, "max_tokens": 3,
+                         "messages": [{"role": "user", "content": "hi"}]}]
