@@ -322,6 +322,31 @@ async def test_in_flight_gauge_and_client_disconnect(proxy: Proxy, mock: MockUps
     assert sample(await scrape(proxy), "orp_streams_in_flight") == 0
 
 
+async def test_metrics_count_with_the_access_line_off(proxy: Proxy, mock: MockUpstream,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # At `warning` (the bench's level, and many operators') no line is built, yet every
+    # request, token and error is still counted.
+    caplog.set_level(logging.WARNING, logger="orp.access")
+    before = await scrape(proxy)
+    mock.enqueue(Scenario(chunks=text_chunks(["a", "b"], usage=usage_dict(5, 2))))
+    events, done = await proxy.stream({"model": "mock", "input": "one"})
+    assert done and events[-1]["type"] == "response.completed"
+    status, _, _ = await proxy.post({"model": "mock", "input": 5})
+    assert status == 400
+    after = await scrape(proxy)
+
+    def delta(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    route = "/v1/responses"
+    assert access_lines(caplog) == []
+    assert delta("orp_requests_total", route=route, status="200", stream="true") == 1
+    assert delta("orp_requests_total", route=route, status="400", stream="false") == 1
+    assert delta("orp_tokens_total", kind="output") == 2
+    assert delta("orp_time_to_first_token_seconds_count") == 1
+    assert delta("orp_errors_total", code="invalid_type") == 1
+
+
 async def test_a_hang_up_seen_by_a_failed_write_is_logged_as_499(
         settings: Settings, mock: MockUpstream, aiohttp_server: Callable[..., Awaitable[Any]],
         caplog: pytest.LogCaptureFixture) -> None:

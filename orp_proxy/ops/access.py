@@ -84,11 +84,27 @@ def write_access_line(request: web.Request, record: AccessRecord, status: int,
     """The access line and request metrics for one request, or for one WebSocket turn
     (`method="WS"`, on the upgrade request)."""
     now = time.monotonic()
-    stream = record.stream
     exchange = record.exchange
-    if exchange is not None and status < 400 and _client_left(exchange.transcoder.response):
-        # Noticed by a failed write, the handler returned normally: still the client's hang-up.
-        status, error_code = CLIENT_CLOSED, None
+    response = exchange.transcoder.response if exchange is not None else None
+    usage = ttft = None
+    if exchange is not None and response is not None:
+        if status < 400 and _client_left(response):
+            # Noticed by a failed write, the handler returned normally: still the client's
+            # hang-up.
+            status, error_code = CLIENT_CLOSED, None
+        ttft = (exchange.first_token_at - record.started
+                if exchange.first_token_at is not None else None)
+        usage = response.get("usage") or None
+        failure = response.get("error") if response.get("status") == "failed" else None
+        if failure and error_code is None:
+            error_code = failure.get("code") or "response_failed"
+        metrics.record_response(ttft=ttft, duration=now - record.started, usage=usage)
+    if error_code is not None:
+        metrics.record_error(error_code)
+    metrics.record_request(_route(request), status, record.stream)
+    level = logging.DEBUG if request.path in PROBE_PATHS else logging.INFO
+    if not log.isEnabledFor(level):
+        return  # the metrics are kept; the line is not built for nobody (most of its cost)
     line: dict[str, Any] = {
         "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "type": "access",
@@ -97,18 +113,11 @@ def write_access_line(request: web.Request, record: AccessRecord, status: int,
         "path": request.path,
         "status": status,
         "duration_ms": _ms(now - record.started),
-        "stream": stream,
+        "stream": record.stream,
         "pid": os.getpid(),
         "remote": request.remote,
     }
-    if exchange is not None:
-        response = exchange.transcoder.response
-        ttft = (exchange.first_token_at - record.started
-                if exchange.first_token_at is not None else None)
-        usage = response.get("usage") or None
-        failure = response.get("error") if response.get("status") == "failed" else None
-        if failure and error_code is None:
-            error_code = failure.get("code") or "response_failed"
+    if exchange is not None and response is not None:
         line.update(model=response.get("model"), response_id=response.get("id"),
                     outcome=response.get("status"), ttft_ms=_ms(ttft),
                     input_tokens=usage.get("input_tokens") if usage else None,
@@ -117,21 +126,16 @@ def write_access_line(request: web.Request, record: AccessRecord, status: int,
             line["deployment"] = exchange.upstream.deployment
         if response.get("status") == "incomplete" and response.get("incomplete_details"):
             line["incomplete_reason"] = response["incomplete_details"].get("reason")
-        metrics.record_response(ttft=ttft, duration=now - record.started, usage=usage)
         if _log_content(request):
             line.update(instructions=response.get("instructions"), input=exchange.new_items,
                         output=response.get("output"))
     if error_code is not None:
         line["error_code"] = error_code
-        metrics.record_error(error_code)
     agent = request.headers.get("User-Agent")
     if agent:
         line["user_agent"] = agent[:200]
-    metrics.record_request(_route(request), status, stream)
-    level = logging.DEBUG if request.path in PROBE_PATHS else logging.INFO
-    if log.isEnabledFor(level):
-        # The JSON line as the message, its fields for the text format (see ops.logs).
-        log.log(level, dumps(line), extra={"access": line})
+    # The JSON line as the message, its fields for the text format (see ops.logs).
+    log.log(level, dumps(line), extra={"access": line})
 
 
 def _client_left(response: dict[str, Any]) -> bool:
