@@ -693,6 +693,29 @@ def _open_streams_rss(gateway: GatewayStart, body: dict[str, Any]) -> dict[str, 
             "errors": errors}
 
 
+# Rounds of each `store` setting in the store section, false and true alternating.
+STORE_ROUNDS = 3
+
+
+def store_rounds(url: str, pid: int, body: dict[str, Any], concurrency: int, requests: int,
+                 rounds: int = STORE_ROUNDS, processes: int = 1) -> dict[str, Any]:
+    """CPU per request of the gateway `pid` with `store: false` and `store: true`, `rounds`
+    runs of `requests` each, interleaved (false, true, false, ...: the machine's noise hits
+    both alike), and the median of each setting's runs (one disturbed run moves it less than
+    it moves a mean)."""
+    cost: dict[str, list[float]] = {"false": [], "true": []}
+    errors = 0
+    for store in (False, True) * rounds:
+        row = measured(url, "responses", concurrency, requests, dict(body, store=store),
+                       {"proxy": pid}, processes)
+        cost[str(store).lower()].append(row["proxy_cpu_us_per_request"])
+        errors += row["errors"]
+    false, true = statistics.median(cost["false"]), statistics.median(cost["true"])
+    return {"store_false_us": round(false, 1), "store_true_us": round(true, 1),
+            "store_overhead_pct": round((true / false - 1) * 100, 1),
+            "requests_per_run": requests, "errors": errors, "runs_us": cost}
+
+
 def section_store(scale: float, store_url: str | None = None) -> dict[str, Any]:
     """CPU per request with store true vs false, and with replayed lineages of 10/100/1000;
     on SQLite, or on the store `store_url` names (PostgreSQL)."""
@@ -702,17 +725,14 @@ def section_store(scale: float, store_url: str | None = None) -> dict[str, Any]:
     with mock_upstream(0.0) as (up_url, _), tempfile.TemporaryDirectory() as tmp, \
             orp(up_url, os.path.join(tmp, "bench.sqlite3"), store_url) as (gw_url, gw_pid):
         short = {"model": "bench", "input": "x", "max_output_tokens": 16}
-        pids = {"proxy": gw_pid}
-        measured(gw_url, "responses", 10, 100, dict(short, store=True), pids)  # warm-up
-        for label, body, requests in (("16_tokens", short, int(1200 * scale)),
-                                      ("256_tokens", dict(BENCH_BODY), int(600 * scale))):
-            cost: dict[str, list[float]] = {"false": [], "true": []}
-            for store in (False, True, False, True):  # interleaved: noise hits both alike
-                row = measured(gw_url, "responses", 10, requests, dict(body, store=store), pids)
-                cost[str(store).lower()].append(row["proxy_cpu_us_per_request"])
-            false, true = statistics.mean(cost["false"]), statistics.mean(cost["true"])
-            out[label] = {"store_false_us": round(false, 1), "store_true_us": round(true, 1),
-                          "store_overhead_pct": round((true / false - 1) * 100, 1)}
+        measured(gw_url, "responses", 10, 100, dict(short, store=True),
+                 {"proxy": gw_pid})  # warm-up
+        # Each round at least a few hundred requests (a second or so of the gateway's CPU:
+        # /proc counts it in 10 ms ticks), even with --quick.
+        for label, body, requests in (("16_tokens", short, max(300, int(800 * scale))),
+                                      ("256_tokens", dict(BENCH_BODY),
+                                       max(150, int(400 * scale)))):
+            out[label] = store_rounds(gw_url, gw_pid, body, 10, requests)
         _print("store", out)
         out["paced20_256_tokens"] = _store_cost_paced(scale, store_url)
         _print("store paced", out["paced20_256_tokens"])
@@ -746,18 +766,13 @@ def section_store(scale: float, store_url: str | None = None) -> dict[str, Any]:
 
 
 def _store_cost_paced(scale: float, store_url: str | None = None) -> dict[str, Any]:
-    """store:true vs false where models really are: 256 tokens at 20 ms, 100 streams."""
-    cost: dict[str, list[float]] = {"false": [], "true": []}
+    """store:true vs false where models really are: 256 tokens at 20 ms, 100 streams (a run
+    of 100 is one wave of ~5 s)."""
     with mock_upstream(20.0) as (up_url, _), tempfile.TemporaryDirectory() as tmp, \
             orp(up_url, os.path.join(tmp, "bench.sqlite3"), store_url) as (gw_url, gw_pid):
-        requests = max(100, int(200 * scale))
-        for store in (False, True, False, True):
-            row = measured(gw_url, "responses", 100, requests, dict(BENCH_BODY, store=store),
-                           {"proxy": gw_pid}, processes=2)
-            cost[str(store).lower()].append(row["proxy_cpu_us_per_request"])
-    false, true = statistics.mean(cost["false"]), statistics.mean(cost["true"])
-    return {"store_false_us": round(false, 1), "store_true_us": round(true, 1),
-            "store_overhead_pct": round((true / false - 1) * 100, 1)}
+        # Warm-up (imports, the store's first connections), kept out of the first run.
+        run_load(gw_url, "responses", 10, 20, dict(BENCH_BODY, store=True, max_output_tokens=16))
+        return store_rounds(gw_url, gw_pid, BENCH_BODY, 100, 100, processes=2)
 
 
 def section_json(scale: float, target: str | None, target_pid: int | None) -> dict[str, Any]:

@@ -270,3 +270,30 @@ async def test_stack_floor_marks_whole_lines_only(aiohttp_server: AiohttpServer,
     assert data.count(bench.RESPONSES_DELTA) == 2
     assert received == [{"model": "m", "stream": True, "max_tokens": 3,
                          "messages": [{"role": "user", "content": "hi"}]}]
+
+
+# -- the store section ----------------------------------------------------------------------
+
+
+def test_store_rounds_alternate_the_settings_and_take_each_ones_median(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three runs of each setting, false and true alternating; one disturbed run (the 900)
+    moves neither median (it would triple the mean of the false runs)."""
+    figures = iter([100.0, 110.0, 900.0, 112.0, 104.0, 108.0])
+    runs: list[tuple[Any, ...]] = []
+
+    def measured(url: str, kind: str, concurrency: int, requests: int, body: dict[str, Any],
+                 pids: dict[str, int], processes: int = 1, **_: Any) -> dict[str, Any]:
+        runs.append((body["store"], body.get("max_output_tokens"), concurrency, requests,
+                     pids, processes))
+        return {"proxy_cpu_us_per_request": next(figures), "errors": 1 if body["store"] else 0}
+
+    monkeypatch.setattr(bench, "measured", measured)
+    row = bench.store_rounds("http://orp/v1", 7, {"model": "bench", "max_output_tokens": 16},
+                             10, 300)
+    assert [run[0] for run in runs] == [False, True] * 3
+    assert all(run[1:] == (16, 10, 300, {"proxy": 7}, 1) for run in runs)
+    assert row == {"store_false_us": 104.0, "store_true_us": 110.0, "store_overhead_pct": 5.8,
+                   "requests_per_run": 300, "errors": 3,
+                   "runs_us": {"false": [100.0, 900.0, 104.0], "true": [110.0, 112.0, 108.0]}}
+
