@@ -13,14 +13,17 @@ ratios measured within one run (through ORP vs direct to the upstream). Wall-clo
     scripts/bench --peer 'COMMAND' [--peer-config FILE] [--peer-model NAME]
                                         # a peer gateway started per section, measured beside ORP
     scripts/bench --no-floor            # without the stack floor (scripts/floor_gateway.py)
+    scripts/bench --only store --postgres
+                                        # store costs on SQLite and on PostgreSQL (a server
+                                        # of its own, pinned off the gateway's CPU)
     scripts/bench --only store --store-url postgresql://orp@127.0.0.1:5432/bench
-                                        # store costs on SQLite and on PostgreSQL
+                                        # the same on an external server
     scripts/bench --table bench-results.json    # the README's table from a results file
 
 On a machine with 2 or more CPUs the gateway process (ORP or the peer, with its children) runs
-on the first CPU, the mock upstream, the load generators and this harness on the others
-(`--no-pin`: no pinning). `targets` in the results lists issue 16's targets with the figure each
-is judged by, its threshold and whether it passed.
+on the first CPU, the mock upstream, the load generators, `--postgres`'s server and this harness
+on the others (`--no-pin`: no pinning). `targets` in the results lists issue 16's targets with
+the figure each is judged by, its threshold and whether it passed.
 
 The stack floor, `scripts/floor_gateway.py` (an aiohttp relay on ORP's mandated stack doing the
 least a gateway can), is measured beside ORP like a peer in the cpu, burst and memory sections:
@@ -51,10 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import procs  # run as a script: its folder is on sys.path
+try:  # run as a script: its folder is on sys.path
+    import pgcluster
+    import procs
 except ImportError:  # imported as scripts.bench
-    from scripts import procs
+    from scripts import pgcluster, procs
 
 TOKENS = 256
 PEER_START_TIMEOUT = 120.0  # a big gateway (LiteLLM) imports for a while before it listens
@@ -205,6 +209,32 @@ def peer_gateway(upstream: str, peer: Peer) -> Iterator[tuple[str, int]]:
                                    f"{log.read_text(errors='replace')[-3000:]}")
             PIN.note(peer.name, max(procs.tree(proc.pid)))
             yield url, proc.pid
+
+
+@contextlib.contextmanager
+def own_postgres() -> Iterator[tuple[str, str]]:
+    """A throwaway PostgreSQL server of this run's own (scripts/pgcluster.py, the test-suite's:
+    127.0.0.1 only, `fsync = off`) with its processes on the CPUs of the mock upstream and the
+    load, off the gateway's; yields the URL of an empty database on it and what the results
+    say of it. Stopped and removed when the block ends."""
+    bindir = pgcluster.find_bindir()
+    if bindir is None:
+        raise SystemExit("--postgres: PostgreSQL server binaries (initdb, pg_ctl) not found; "
+                         "apt-get install postgresql, or give an external one with --store-url")
+    with contextlib.ExitStack() as stack:
+        # Its processes inherit the CPU mask of the one starting them, backends the
+        # postmaster's; pinned again once up, in case something in between changed it.
+        with procs.affinity(PIN.others):
+            cluster = stack.enter_context(pgcluster.running_cluster(bindir))
+        postmaster = cluster.postmaster_pid()
+        if PIN.others is not None:
+            procs.pin_tree(postmaster, PIN.others)
+        PIN.note("postgres", postmaster)
+        cluster.psql("CREATE DATABASE bench")
+        version = cluster.psql("SHOW server_version").split()[0]  # "15.18 (Debian ...)"
+        where = (f"pinned to CPU {','.join(map(str, sorted(os.sched_getaffinity(postmaster))))}"
+                 if PIN.others is not None else "not pinned")
+        yield cluster.url("bench"), f"own (PostgreSQL {version}, fsync off), {where}"
 
 
 # -- load generation (runs in separate processes) -----------------------------------------
@@ -990,7 +1020,8 @@ def machine_line(results: dict[str, Any]) -> str:
             f"{machine.get('python', '?')}, {machine.get('platform', '?')}; {where}; "
             f"load average {machine.get('loadavg', '?')} at the start; "
             f"{results.get('tokens_per_response', TOKENS)}-token streams, store on; "
-            f"peer: {results.get('peer', {}).get('command', 'none')}.")
+            + (f"PostgreSQL: {results['postgres']}; " if results.get("postgres") else "")
+            + f"peer: {results.get('peer', {}).get('command', 'none')}.")
 
 
 def table(results: dict[str, Any]) -> str:
@@ -1053,7 +1084,7 @@ def table(results: dict[str, Any]) -> str:
 SECTIONS = ("cpu", "burst", "sweep", "memory", "store", "json", "routing")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=SECTIONS, action="append",
@@ -1062,9 +1093,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", help="measure another Responses endpoint (base URL with /v1)")
     parser.add_argument("--target-pid", type=int, help="PID of that gateway's process")
     parser.add_argument("--out", default="bench-results.json", help="result file (JSON)")
-    parser.add_argument("--store-url", metavar="URL",
-                        help="the store section also on this PostgreSQL database "
-                             "(postgresql://USER@HOST:PORT/DB), next to SQLite")
+    postgres = parser.add_mutually_exclusive_group()
+    postgres.add_argument("--postgres", action="store_true",
+                          help="the store section also on PostgreSQL, next to SQLite: a "
+                               "throwaway server of the run's own on 127.0.0.1, pinned off the "
+                               "gateway's CPU (Debian's postgresql package binaries)")
+    postgres.add_argument("--store-url", metavar="URL",
+                          help="the same on an external PostgreSQL database "
+                               "(postgresql://USER@HOST:PORT/DB), not pinned")
     parser.add_argument("--peer", metavar="COMMAND",
                         help="a peer gateway measured beside ORP in the cpu and burst sections: "
                              "a shell command with {upstream}, {port}, {tmp} and {config}")
@@ -1079,7 +1115,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave every process on every CPU")
     parser.add_argument("--table", metavar="RESULTS",
                         help="print the README's table from a results file, run nothing")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return 0
@@ -1118,7 +1158,12 @@ def main(argv: list[str] | None = None) -> int:
     if "store" in chosen and args.target is None:
         results["store"] = section_store(scale)
         if args.store_url:
+            results["postgres"] = "external"
             results["store_postgresql"] = section_store(scale, args.store_url)
+        elif args.postgres:
+            with own_postgres() as (url, server):
+                results["postgres"] = server
+                results["store_postgresql"] = section_store(scale, url)
     if "json" in chosen:
         results["json"] = section_json(scale, args.target, args.target_pid)
     if "routing" in chosen and args.target is None:

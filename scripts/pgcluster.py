@@ -6,7 +6,7 @@ removed at the end; a watchdog process stops and removes it if the process that 
 without cleaning up. The server refuses to run as root, so as root the cluster belongs to the
 `postgres` user. Data durability is traded for speed (`fsync = off`): nothing in it is kept.
 
-The test-suite uses it through tests/pg.py.
+The test-suite uses it through tests/pg.py; scripts/bench (`--postgres`) for its store section.
 The scripts import it as `pgcluster` (their folder is on sys.path when they run), the tests as
 `scripts.pgcluster`. Standard library only.
 """
@@ -102,6 +102,10 @@ class Cluster:
     def stop(self, mode: str = "fast") -> None:
         self._run(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop",
                   check=False)
+
+    def postmaster_pid(self) -> int:
+        """The running server's main process (the first line of `postmaster.pid`)."""
+        return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         return self._run(f"{self.bindir}/psql", "-h", "127.0.0.1", "-p", str(self.port), "-U",

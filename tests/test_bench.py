@@ -1,20 +1,25 @@
 """scripts/bench's bookkeeping: targets judged from a results file, the README table, the
-peer's template substitution; the stack floor (scripts/floor_gateway.py) relaying the mock
-upstream's streams (no timing: nothing here runs a benchmark)."""
+peer's template substitution, the store section's rounds and its PostgreSQL server (`--postgres`);
+the stack floor (scripts/floor_gateway.py) relaying the mock upstream's streams (no timing:
+nothing here runs a benchmark)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from scripts import bench, floor_gateway, procs
+from tests import pg
 
 
 def _results() -> dict[str, Any]:
@@ -297,3 +302,119 @@ def test_store_rounds_alternate_the_settings_and_take_each_ones_median(
                    "requests_per_run": 300, "errors": 3,
                    "runs_us": {"false": [100.0, 900.0, 104.0], "true": [110.0, 112.0, 108.0]}}
 
+
+# -- --postgres: the store section's own PostgreSQL server ------------------------------------
+
+
+def test_postgres_options_own_server_or_external_never_both(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    own = bench.parse_args(["--only", "store", "--postgres"])
+    assert own.postgres and own.store_url is None
+    external = bench.parse_args(["--store-url", "postgresql://orp@127.0.0.1:5432/bench"])
+    assert not external.postgres and external.store_url.endswith("/bench")
+    assert not bench.parse_args([]).postgres
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--postgres", "--store-url", "postgresql://x@127.0.0.1/y"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--postgres", "--store-url"])
+def test_store_section_runs_on_sqlite_then_on_the_postgresql_server(
+        option: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """main's wiring with the sections and the server faked: SQLite first, then the server's
+    URL; its own server is up for that section only, and the results say which it was."""
+    calls: list[tuple[str | None, bool]] = []
+    server = {"up": False, "starts": 0}
+
+    @contextlib.contextmanager
+    def own_postgres() -> Iterator[tuple[str, str]]:
+        server.update(up=True, starts=server["starts"] + 1)
+        try:
+            yield "postgresql://orp@127.0.0.1:1/bench", "own, pinned to CPU 1"
+        finally:
+            server["up"] = False
+
+    def section_store(scale: float, store_url: str | None = None) -> dict[str, Any]:
+        calls.append((store_url, server["up"]))
+        return {"16_tokens": {"store_overhead_pct": 4.0 if store_url else 2.0}}
+
+    monkeypatch.setattr(bench, "configure_pinning", lambda enabled: {})
+    monkeypatch.setattr(bench, "own_postgres", own_postgres)
+    monkeypatch.setattr(bench, "section_store", section_store)
+    out = tmp_path / "results.json"
+    url = ["postgresql://orp@db.internal:5432/bench"] if option == "--store-url" else []
+    assert bench.main(["--only", "store", "--quick", option, *url, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    if option == "--postgres":
+        assert calls == [(None, False), ("postgresql://orp@127.0.0.1:1/bench", True)]
+        assert server == {"up": False, "starts": 1}
+        assert results["postgres"] == "own, pinned to CPU 1"
+    else:
+        assert calls == [(None, False), ("postgresql://orp@db.internal:5432/bench", False)]
+        assert server["starts"] == 0 and results["postgres"] == "external"
+    assert results["targets"]["store_overhead_postgresql_16"]["figure"] == 4.0
+    assert results["targets"]["store_overhead_sqlite_16"]["figure"] == 2.0
+    assert f"PostgreSQL: {results['postgres']}; peer: none." in bench.machine_line(results)
+
+
+def test_no_postgresql_without_an_option(monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    monkeypatch.setattr(bench, "configure_pinning", lambda enabled: {})
+    monkeypatch.setattr(bench, "own_postgres", None)  # would fail if called
+    monkeypatch.setattr(bench, "section_store", lambda scale, store_url=None: {})
+    out = tmp_path / "results.json"
+    assert bench.main(["--only", "store", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert "postgres" not in results and "store_postgresql" not in results
+    assert "PostgreSQL" not in bench.machine_line(results)
+
+
+def test_own_postgres_answers_on_loopback_pinned_off_the_gateway_cpu_and_is_gone_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real server (tests/pg.py's, through scripts/pgcluster.py): ORP's store URL answers,
+    the postmaster, every process it started and a backend forked later run on the others'
+    CPUs only, nothing listens beyond 127.0.0.1; after the block the server and its
+    directory are gone, and the harness's own CPU mask is what it was."""
+    pg.require_postgres()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("pinning needs 2 CPUs")
+    others = cpus[1:]
+    monkeypatch.setattr(bench.PIN, "gateway", cpus[:1])
+    monkeypatch.setattr(bench.PIN, "others", others)
+    monkeypatch.setattr(bench.PIN, "observed", {})
+    mask = os.sched_getaffinity(0)
+
+    async def ask(url: str) -> tuple[Any, ...]:
+        """What the server says of itself, and its backend for this connection: the
+        postmaster (its parent) and its CPUs, read while it runs."""
+        con = await asyncpg.connect(url)
+        try:
+            row = await con.fetchrow("SELECT current_database(), "
+                                     "current_setting('listen_addresses'), "
+                                     "inet_server_addr()::text, pg_backend_pid()")
+            backend = row[3]
+            return (*row[:3], int(procs.stat_fields(backend)[1]),
+                    sorted(os.sched_getaffinity(backend)))
+        finally:
+            await con.close()
+
+    with bench.own_postgres() as (url, server):
+        assert url.startswith("postgresql://orp@127.0.0.1:") and url.endswith("/bench")
+        assert server.startswith("own (PostgreSQL ")
+        assert server.endswith(f"fsync off), pinned to CPU {','.join(map(str, others))}")
+        database, listen, address, postmaster, backend_cpus = asyncio.run(ask(url))
+        assert (database, listen, address) == ("bench", "127.0.0.1", "127.0.0.1/32")
+        assert backend_cpus == others
+        directory = Path(os.readlink(f"/proc/{postmaster}/cwd")).parent
+        assert directory.name.startswith("orp-pg-")
+        server_procs = procs.tree(postmaster)
+        assert len(server_procs) > 2  # the postmaster's helpers, at least
+        assert {pid: sorted(os.sched_getaffinity(pid)) for pid in server_procs} == {
+            pid: others for pid in server_procs}
+        assert bench.PIN.observed["postgres"] == others
+        assert os.sched_getaffinity(0) == mask
+    assert not directory.exists()
+    with contextlib.suppress(OSError):  # gone, or a zombie its new parent has yet to reap
+        assert procs.stat_fields(postmaster)[0] == "Z"
+    assert os.sched_getaffinity(0) == mask
