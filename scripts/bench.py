@@ -764,7 +764,7 @@ def section_store(scale: float, store_url: str | None = None) -> dict[str, Any]:
                                        max(150, int(400 * scale)))):
             out[label] = store_rounds(gw_url, gw_pid, body, 10, requests)
         _print("store", out)
-        out["paced20_256_tokens"] = _store_cost_paced(scale, store_url)
+        out["paced20_256_tokens"] = _store_cost_paced(store_url)
         _print("store paced", out["paced20_256_tokens"])
 
         def post(body: dict[str, Any]) -> dict[str, Any]:
@@ -795,9 +795,9 @@ def section_store(scale: float, store_url: str | None = None) -> dict[str, Any]:
     return out
 
 
-def _store_cost_paced(scale: float, store_url: str | None = None) -> dict[str, Any]:
+def _store_cost_paced(store_url: str | None = None) -> dict[str, Any]:
     """store:true vs false where models really are: 256 tokens at 20 ms, 100 streams (a run
-    of 100 is one wave of ~5 s)."""
+    of 100 is one wave of ~5 s, with --quick too)."""
     with mock_upstream(20.0) as (up_url, _), tempfile.TemporaryDirectory() as tmp, \
             orp(up_url, os.path.join(tmp, "bench.sqlite3"), store_url) as (gw_url, gw_pid):
         # Warm-up (imports, the store's first connections), kept out of the first run.
