@@ -74,9 +74,10 @@ class Exchange:
     first_token_at: float | None = None
     # Response headers that describe the exchange (X-ORP-Dropped-Tools), for HTTP transports.
     headers: dict[str, str] = field(default_factory=dict)
-    # `response.created`/`in_progress`, held back to leave with the first output when the
-    # upstream's body had already arrived at the start (one write instead of two).
-    _opening: list[Event] = field(default_factory=list)
+    # Events held back to share a write: `response.created`/`in_progress` wait for the first
+    # read when the upstream's body had already arrived at the start, and the last read's
+    # events (the one that brought `[DONE]`) leave with the terminal ones.
+    _held: list[Event] = field(default_factory=list)
 
     async def pump(self, deliver: Callable[[list[Event]], Awaitable[None]]) -> None:
         """Feed every upstream chunk, delivering events per read; the terminal events are left
@@ -94,9 +95,12 @@ class Exchange:
                 events = tc.take()
                 if events and self.first_token_at is None:
                     self.first_token_at = time.monotonic()
-                if self._opening:  # held for the first read only, whatever it brought
-                    events = self._opening + events
-                    self._opening = []
+                if self._held:  # the opening, held for the first read only, whatever it brought
+                    events = self._held + events
+                    self._held = []
+                if stream.saw_done:  # the last read: `settle` sends its events with the end
+                    self._held = events
+                    continue
                 if events:
                     try:
                         await deliver(events)
@@ -133,8 +137,8 @@ class Exchange:
 
     async def settle(self) -> list[Event]:
         """Persist the final response (shielded), then hand back the remaining events."""
-        events = self._opening + self.transcoder.take()
-        self._opening = []
+        events = self._held + self.transcoder.take()
+        self._held = []
         if self.persist is None:
             return events
         try:
@@ -198,7 +202,7 @@ class Exchange:
         tc.start()
         try:
             if self.upstream.body_arrived():
-                self._opening = tc.take()
+                self._held = tc.take()
             else:  # the model is still thinking: the client hears of its response now
                 await transport.send(tc.take())
             await self.pump(transport.send)

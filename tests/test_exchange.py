@@ -15,19 +15,25 @@ from orp_proxy.store import StoredResponse
 
 
 class FakeUpstream:
-    saw_done = True
+    """As `UpstreamStream`: `saw_done` turns true as the read that brought `[DONE]` (here: the
+    last batch) is handed out; with `done=False` the stream ends without it."""
 
-    def __init__(self, batches: list[list[dict[str, Any]]], *, arrived: bool = False) -> None:
+    def __init__(self, batches: list[list[dict[str, Any]]], *, arrived: bool = False,
+                 done: bool = True) -> None:
         self._batches = batches
         self.closed = False
         self.arrived = arrived
+        self.done = done
+        self.saw_done = False
 
     def body_arrived(self) -> bool:
         return self.arrived
 
     async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
-        for batch in self._batches:
+        for i, batch in enumerate(self._batches):
+            self.saw_done = self.done and i == len(self._batches) - 1
             yield batch
+        self.saw_done = self.done
 
     def release(self) -> None:
         pass
@@ -46,9 +52,9 @@ class SlowStore:
 
 
 def exchange(store: SlowStore | None, batches: list[list[dict[str, Any]]], *,
-             arrived: bool = False) -> Exchange:
+             arrived: bool = False, done: bool = True) -> Exchange:
     return Exchange(Transcoder(build_response({}, model="m")),
-                    FakeUpstream(batches, arrived=arrived),  # type: ignore[arg-type]
+                    FakeUpstream(batches, arrived=arrived, done=done),  # type: ignore[arg-type]
                     Persistence(store, "owner", []) if store else None)  # type: ignore[arg-type]
 
 
@@ -130,3 +136,26 @@ async def test_held_opening_events_still_lead_when_the_body_ends_at_once() -> No
     transport = Recorder()
     await exchange(SlowStore(), [], arrived=True).run(transport)  # no read left at all
     assert transport.writes == [[*OPENING, "response.completed", "[DONE]"]]
+
+
+async def test_the_last_read_rides_with_the_terminal_events() -> None:
+    # The read that brought `[DONE]` is not written on its own: its text leaves with
+    # `response.completed` and `[DONE]`, after the save, in the transport's last write.
+    transport = Recorder()
+    store = SlowStore()
+    await exchange(store, [TEXT, TEXT, DONE[0]]).run(transport)
+    # The opening (the model was silent at first), one write per read before the last, then
+    # the last read with the end.
+    assert len(transport.writes) == 4
+    assert transport.writes[2] == ["response.output_text.delta"]
+    assert transport.writes[-1][0] == "response.output_text.delta"
+    assert transport.writes[-1][-2:] == ["response.completed", "[DONE]"]
+    assert store.saved == ["completed"]
+
+
+async def test_without_done_every_read_is_written_as_it_comes() -> None:
+    # A stream cut short (no `[DONE]`, no finish reason): nothing is held back.
+    transport = Recorder()
+    await exchange(None, [TEXT, TEXT], done=False).run(transport)
+    assert [w.count("response.output_text.delta") for w in transport.writes] == [0, 1, 1, 0]
+    assert transport.writes[-1][-2:] == ["response.failed", "[DONE]"]
