@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,16 +165,3 @@ def running_cluster(bindir: str) -> Iterator[Cluster]:
         shutil.rmtree(directory, ignore_errors=True)
         watchdog.terminate()
         watchdog.wait(10)
-
-
-def wait_accepting(cluster: Cluster, timeout: float = 30.0) -> None:
-    """Until the server answers a query (after `start`)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            cluster.psql("SELECT 1")
-            return
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)

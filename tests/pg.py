@@ -29,11 +29,10 @@ from scripts.pgcluster import (
     Cluster,
     find_bindir,
     running_cluster,
-    wait_accepting,
 )
 
 __all__ = ["PASSWORD", "PASSWORD_USER", "SUPERUSER", "Cluster", "find_bindir",
-           "require_postgres", "running_cluster", "store_rows", "wait_accepting"]
+           "require_postgres", "running_cluster", "store_rows"]
 
 
 def require_postgres() -> str:
