@@ -33,11 +33,14 @@ StartProxy = Callable[..., Awaitable[Proxy]]
 
 
 class Replica:
-    """A mock upstream on a fixed loopback port that can be stopped and started again."""
+    """A mock upstream on a loopback port that can be stopped and started again on the same
+    port. The first start takes a port the kernel picks as it binds (a port chosen earlier and
+    bound later can be taken meanwhile, e.g. as another test's outgoing connection); `port` may
+    also be set by hand for a replica that never starts (its URL only)."""
 
     def __init__(self, interval_ms: float = 0.0) -> None:
         self.mock = MockUpstream(interval_ms=interval_ms)
-        self.port = procs.free_port()
+        self.port = 0  # none yet: the first start binds one
         self.runner: web.AppRunner | None = None
 
     @property
@@ -48,6 +51,7 @@ class Replica:
         self.runner = web.AppRunner(self.mock.app(), access_log=None, shutdown_timeout=0.5)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.port = self.runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -647,10 +651,9 @@ async def test_models_in_pass_through_mode_checks_the_token_upstream(
     app.router.add_get("/v1/models", models)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    port = procs.free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     checker = Replica()
-    checker.port = port
+    checker.port = runner.addresses[0][1]
     try:
         routed = await make_proxy(config_text({"a": checker, "b": checker, "c": checker}),
                                   ORP_AUTH_MODE="passthrough")
